@@ -68,7 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--model", help="network name, for plain state dicts that are not recognised")
     s.set_defaults(func=cmd_inspect)
+    _register_command_modules(sub)
     return p
+
+
+def _register_command_modules(sub) -> None:
+    import importlib
+    import pkgutil
+    from . import commands
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
