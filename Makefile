@@ -15,14 +15,21 @@ all: test
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(VPY) -m pip install --quiet -e ".[test]"
+	$(VPY) -m pip install --quiet -e ".[test,slicer,onnx]"
 	@touch $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# The demo segments the shipped ISLES'22 DWI with demo/model/*.pt (see demo/README.md).
 demo: $(STAMP)
-	$(VENV)/bin/lesionseg list
+	@if [ -f demo/model/msenet-demo-isles-dwi.pt ]; then \
+		$(VENV)/bin/lesionseg demo --out demo-output; \
+	else \
+		$(VENV)/bin/lesionseg list; \
+		echo; echo "The demo weights (demo/model/msenet-demo-isles-dwi.pt) are not in this checkout yet."; \
+		echo "Make them with: $(VPY) scripts/make_demo_model.py (CPU, about 30 minutes), then run make demo again."; \
+	fi
 
 list: $(STAMP)
 	$(VENV)/bin/lesionseg list

@@ -26,10 +26,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .fileio import atomic_path
 
 FORMAT = "lesionseg.checkpoint"
 FORMAT_VERSION = 1
@@ -265,20 +266,12 @@ def _plain(obj: Any) -> Any:
 def atomic_torch_save(obj: Any, path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
     torch = _torch()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def read_metadata(path) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:

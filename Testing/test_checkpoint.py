@@ -155,3 +155,12 @@ def test_failed_save_leaves_the_previous_file_intact_and_no_temporary_files(tmp_
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
     assert checkpoint.read_metadata(path)[2]["epoch"] == 1
+
+
+def test_saved_files_get_ordinary_permissions_not_the_temporary_files_0600(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = checkpoint.save(tmp_path / "ck.pt", models.create("unet", base_width=4, depth=2))
+    finally:
+        os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -1,0 +1,425 @@
+"""``lesionseg benchmark``: inference speed and memory of each network, measured against
+a reference loop shaped like the papers' official predict scripts, in the same run.
+
+For each network and device it segments a synthetic volume (CT-like int16 slices, or
+RGB uint8 images for networks that take colour) of ``--slices`` slices of
+``--slice-size``² pixels, with the network's random weights (speed does not depend on
+the weight values):
+
+* **reference**: one slice at a time, batch 1, fp32, the network as built (no BatchNorm
+  folding, NCHW), ``torch.no_grad``; each slice clipped/normalised with numpy and
+  resized with PIL on the CPU, the logits resized back and thresholded — what the
+  official ``test.py`` scripts do for each image;
+* **LesionSeg** (``Predictor.predict_volume``) at each ``--batch-sizes`` value and at
+  ``auto``: the whole path, orientation and lesion table included.
+
+Each configuration is warmed up once, then timed ``--repeats`` times, alternating the
+configurations within each repeat so that a busy machine slows all of them alike; the
+median is reported. Throughput is slices/s; the speedup is LesionSeg (auto batch) over
+the reference, as a ratio of the same run. ``--linearity`` also runs the auto
+configuration on twice the slices: time should double, peak memory should not grow
+beyond the larger output. Peak memory: the host's resident high-water mark above the
+level before the run on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("benchmark", help="measure inference speed and memory against a reference loop",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="all", help="comma-separated network names (default: all registered)")
+    p.add_argument("--devices", default="cpu,cuda", help="comma-separated devices; unavailable ones are skipped")
+    p.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes to time besides auto (default 1,2,4,8)")
+    p.add_argument("--slices", type=int, default=8, help="slices in the synthetic volume (default 8)")
+    p.add_argument("--slice-size", type=int, default=512, help="side of each input slice in pixels (default 512)")
+    p.add_argument("--size", default="card",
+                   help="network input size: 'card' (default) or N or HxW; also 'model=HxW,...' per network")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default 3)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--precision", default="auto", help="Predictor precision (default auto)")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--linearity", action="store_true", help="also time 2× the slices (cost and memory scaling)")
+    p.add_argument("--json", help="write all measurements to this JSON file")
+    p.set_defaults(func=run_benchmark)
+
+
+# ---------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak memory of this process above its level at ``__enter__``: on Linux the
+    kernel's high-water mark of resident memory (VmHWM, reset through
+    /proc/self/clear_refs, so nothing runs beside the measured code), elsewhere RSS
+    sampled every 10 ms by a thread; on a GPU CUDA's peak allocation."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.peak_bytes: Optional[int] = None
+        self._thread = None
+
+    @staticmethod
+    def _status(field: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return None
+
+    @staticmethod
+    def _reset_high_water_mark() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def __enter__(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = self._status("VmRSS")
+        self._hwm = self._base is not None and self._reset_high_water_mark()
+        if self._base is not None and not self._hwm:
+            self._max = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            v = self._status("VmRSS")
+            if v is not None and v > self._max:
+                self._max = v
+
+    def __exit__(self, *exc) -> None:
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        if self._base is None:
+            return
+        if self._hwm:
+            peak = self._status("VmHWM")
+            self.peak_bytes = None if peak is None else max(0, peak - self._base)
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self._max, self._status("VmRSS") or 0) - self._base
+
+
+def _timed(fn, device, cpu_times: Optional[List[float]] = None):
+    """Wall time of ``fn()`` (and, into ``cpu_times``, the CPU time this process spent:
+    on a machine shared with other work it varies less than the wall time)."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if cpu_times is not None:
+        cpu_times.append(time.process_time() - c0)
+    return time.perf_counter() - t0, result
+
+
+# ---------------------------------------------------------------------- inputs
+def synthetic_volume(card: Dict[str, Any], slices: int, side: int, seed: int = 0):
+    """A volume the network can take: RGB uint8 images (colour networks without
+    grey_to_rgb) or CT-like int16 slices (air, body, lungs, a few bright spots), with a
+    RAS direction like a NIfTI file, so orientation handling is part of the timing."""
+    import numpy as np
+    import SimpleITK as sitk
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side - 0.5
+    body = (yy / 0.42) ** 2 + (xx / 0.48) ** 2 < 1
+    lungs = ((yy / 0.3) ** 2 + ((np.abs(xx) - 0.2) / 0.16) ** 2) < 1
+    spec = card["input"]
+    colour = int(spec["channels"]) == 3 and spec.get("grey_to_rgb") != "replicate"
+    if colour:
+        disc = (yy ** 2 + xx ** 2 < 0.2).astype(np.float32)
+        base = np.stack([disc * 180, disc * 80, disc * 30], -1)
+        vol = np.empty((slices, side, side, 3), np.uint8)
+        for z in range(slices):
+            vol[z] = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        img = sitk.GetImageFromArray(vol, isVector=True)
+    else:
+        vol = np.empty((slices, side, side), np.int16)
+        for z in range(slices):
+            s = np.where(body, 40.0, -1000.0)
+            s[lungs] = -850.0
+            s += rng.normal(0, 25, s.shape)
+            vol[z] = s.astype(np.int16)
+        img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.7, 0.7, 1.5))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    return img
+
+
+# ---------------------------------------------------------------------- the reference
+def reference_loop(model, name: str, card: Dict[str, Any], image, size, threshold: float = 0.5):
+    """Segment ``image`` the way the official predict scripts do: one slice at a time,
+    batch 1, fp32, the network as built, the slice prepared with numpy and resized with
+    PIL on the CPU, the logits resized back with ``F.interpolate`` and thresholded."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    import torch.nn.functional as F
+    from .. import models
+    from ..preprocessing import arrange_channels, plan_intensity
+    spec = card["input"]
+    arr = sitk.GetArrayViewFromImage(image)
+    transform = plan_intensity(arr, spec)  # the official data were prepared per volume, offline
+    h, w = size
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is present wherever torchvision is
+        Image = None
+    out = np.zeros(arr.shape[:3], np.uint8)
+    colour = arr.ndim == 4
+    softmax = card["outputs"].get("activation") == "softmax"
+    with torch.no_grad():
+        for z in range(arr.shape[0]):
+            sl = arr[z].astype(np.float32)
+            if transform.lo is not None or transform.hi is not None:
+                sl = np.clip(sl, transform.lo, transform.hi)
+            planes = [sl[..., c] for c in range(sl.shape[-1])] if colour else [sl]
+            if Image is not None:
+                resized = np.stack([np.asarray(Image.fromarray(p, mode="F").resize((w, h), Image.BILINEAR))
+                                    for p in planes])
+            else:
+                resized = F.interpolate(torch.from_numpy(np.stack(planes))[None], size=(h, w), mode="bilinear",
+                                        align_corners=False, antialias=True)[0].numpy()
+            x = arrange_channels(resized if colour else resized[0], spec, channel_axis=0, color=colour)
+            x = torch.from_numpy(np.ascontiguousarray(transform.apply(np.ascontiguousarray(x), channel_axis=0)))[None]
+            logits = models.inference_output(name, model(x))
+            logits = F.interpolate(logits, size=arr.shape[1:3], mode="bilinear", align_corners=False)
+            if softmax:
+                out[z] = torch.softmax(logits, 1)[0].argmax(0).numpy().astype(np.uint8)
+            else:
+                out[z] = (torch.sigmoid(logits)[0].max(0).values > threshold).numpy().astype(np.uint8)
+    return out
+
+
+# ---------------------------------------------------------------------- the run
+def _parse_sizes(value: str, names: List[str]) -> Dict[str, Optional[List[int]]]:
+    def one(v):
+        if v == "card":
+            return None
+        parts = v.lower().split("x")
+        return [int(parts[0]), int(parts[-1])]
+    sizes: Dict[str, Optional[List[int]]] = {n: None for n in names}
+    if "=" in value:
+        for item in value.split(","):
+            k, v = item.split("=")
+            sizes[k.strip()] = one(v.strip())
+    else:
+        for n in names:
+            sizes[n] = one(value.strip())
+    return sizes
+
+
+def machine_description() -> Dict[str, Any]:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def bench_model(name: str, device_name: str, args, size: Optional[List[int]], log) -> Optional[Dict[str, Any]]:
+    import copy
+    import torch
+    from .. import models
+    from ..inference import Predictor
+    net = models.create(name).eval()
+    predictor = Predictor(net, device=device_name, precision=args.precision, batch_size=1)
+    if size:
+        predictor.card["input"]["size"] = list(size)
+    card = predictor.card
+    net_size = tuple(card["input"]["size"])
+    device = torch.device(predictor.device)
+    image = synthetic_volume(card, args.slices, args.slice_size)
+    small = synthetic_volume(card, 1, args.slice_size, seed=1)
+    reference_net = copy.deepcopy(net).eval()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+
+    configs: Dict[str, Any] = {}
+    if not args.no_reference and device.type == "cpu":
+        configs["reference"] = lambda img=image: reference_loop(reference_net, name, card, img, net_size)
+    for b in batch_sizes:
+        configs[f"bs{b}"] = (b, image)
+    configs["auto"] = ("auto", image)
+
+    def run(key, img=None):
+        cfg = configs[key]
+        if callable(cfg):
+            return cfg() if img is None else reference_loop(reference_net, name, card, img, net_size)
+        predictor.batch_size = cfg[0]
+        return predictor.predict_volume(img if img is not None else cfg[1])
+
+    log(f"{name} on {predictor.device}: input {net_size[0]}×{net_size[1]}, {args.slices} slices of "
+        f"{args.slice_size}², warming up")
+    for key in configs:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning
+        run(key, small)
+    times: Dict[str, List[float]] = {k: [] for k in configs}
+    cpu: Dict[str, List[float]] = {k: [] for k in configs}
+    peaks: Dict[str, int] = {}
+    used_batch: Dict[str, int] = {}
+    for r in range(args.repeats):
+        for key in configs:
+            with PeakMemory(device) as mem:
+                t, res = _timed(lambda: run(key), device, cpu[key])
+            times[key].append(t)
+            if mem.peak_bytes is not None:
+                peaks[key] = max(peaks.get(key, 0), mem.peak_bytes)
+            if hasattr(res, "info"):
+                used_batch[key] = res.info["batch_size"]
+        log(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {statistics.median(v):.2f} s"
+                                                             for k, v in times.items()))
+    # single-slice latency, end to end
+    predictor.batch_size = "auto"
+    lat = [_timed(lambda: predictor.predict_volume(small), device)[0] for _ in range(max(1, args.repeats))]
+    ref_lat = None
+    if "reference" in configs:
+        ref_lat = statistics.median(_timed(lambda: reference_loop(reference_net, name, card, small, net_size),
+                                           device)[0] for _ in range(max(1, args.repeats)))
+    row: Dict[str, Any] = {"model": name, "device": predictor.device, "precision": predictor.precision,
+                           "network_input": list(net_size), "slice_size": args.slice_size, "slices": args.slices,
+                           "seconds": {k: statistics.median(v) for k, v in times.items()},
+                           "cpu_seconds": {k: statistics.median(v) for k, v in cpu.items()},
+                           "slices_per_s": {k: args.slices / statistics.median(v) for k, v in times.items()},
+                           "ms_per_batch": {}, "peak_mb": {k: v / 2 ** 20 for k, v in peaks.items()},
+                           "auto_batch": used_batch.get("auto"),
+                           "latency_ms_one_slice": 1000 * statistics.median(lat),
+                           "reference_latency_ms_one_slice": None if ref_lat is None else 1000 * ref_lat}
+    for k, v in times.items():
+        b = used_batch.get(k, 1)
+        row["ms_per_batch"][k] = 1000 * statistics.median(v) / -(-args.slices // b)
+    if "reference" in row["slices_per_s"]:
+        ref = row["slices_per_s"]["reference"]
+        row["speedup_auto"] = row["slices_per_s"]["auto"] / ref
+        row["speedup_best"] = max(v for k, v in row["slices_per_s"].items() if k != "reference") / ref
+        row["speedup_auto_cpu_time"] = row["cpu_seconds"]["reference"] / row["cpu_seconds"]["auto"]
+    if args.linearity:
+        big = synthetic_volume(card, 2 * args.slices, args.slice_size)
+        predictor.batch_size = "auto"
+        t2 = []
+        peak2 = 0
+        for _ in range(args.repeats):
+            with PeakMemory(device) as mem:
+                t2.append(_timed(lambda: predictor.predict_volume(big), device)[0])
+            peak2 = max(peak2, mem.peak_bytes or 0)
+        row["linearity"] = {"slices": 2 * args.slices, "seconds": statistics.median(t2),
+                            "time_ratio": statistics.median(t2) / row["seconds"]["auto"],
+                            "peak_mb": peak2 / 2 ** 20}
+    return row
+
+
+def _table(rows: List[Dict[str, Any]], batch_keys: List[str]) -> str:
+    head = ["model", "device", "net input", "reference"] + batch_keys + ["auto (batch)", "speedup (auto)",
+                                                                        "speedup (best)", "speedup (CPU time)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        sps = r["slices_per_s"]
+        cells = [r["model"], f"{r['device']} {r['precision']}", "×".join(map(str, r["network_input"])),
+                 f"{sps['reference']:.2f}" if "reference" in sps else "-"]
+        cells += [f"{sps[k]:.2f}" if k in sps else "-" for k in batch_keys]
+        cells += [f"{sps['auto']:.2f} ({r['auto_batch']})",
+                  f"{r['speedup_auto']:.2f}×" if "speedup_auto" in r else "-",
+                  f"{r['speedup_best']:.2f}×" if "speedup_best" in r else "-",
+                  f"{r['speedup_auto_cpu_time']:.2f}×" if "speedup_auto_cpu_time" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _memory_table(rows: List[Dict[str, Any]]) -> str:
+    head = ["model", "device", "latency 1 slice (ref)", "ms/batch (auto)", "peak MB ref", "peak MB auto",
+            "2× slices: time ratio", "2× slices: peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        pk = r["peak_mb"]
+        lin = r.get("linearity")
+        ref_lat = r["reference_latency_ms_one_slice"]
+        cells = [r["model"], r["device"],
+                 f"{r['latency_ms_one_slice']:.0f} ms" + (f" ({ref_lat:.0f} ms)" if ref_lat else ""),
+                 f"{r['ms_per_batch']['auto']:.0f}",
+                 f"{pk['reference']:.0f}" if "reference" in pk else "-", f"{pk.get('auto', float('nan')):.0f}",
+                 f"{lin['time_ratio']:.2f}" if lin else "-", f"{lin['peak_mb']:.0f}" if lin else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    import torch
+    from .. import models
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = models.list_models() if args.models == "all" else [models._resolve(n) for n in args.models.split(",")]
+    sizes = _parse_sizes(args.size, names)
+    devices = []
+    for d in (s.strip() for s in args.devices.split(",") if s.strip()):
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            print(f"benchmark: {d}: no CUDA GPU available here; skipped", file=sys.stderr)
+            continue
+        devices.append(d)
+    if args.slices < 1 or args.repeats < 1 or args.slice_size < 8:
+        print("lesionseg benchmark: error: --slices and --repeats must be ≥ 1, --slice-size ≥ 8", file=sys.stderr)
+        return 2
+    machine = machine_description()
+    command = "lesionseg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("lesionseg", "__main__.py")) \
+        else "lesionseg benchmark " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                               if k not in ("func", "verb") and v not in (None, False))
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    log(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
+        f"GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}")
+    rows = []
+    for name in names:
+        for d in devices:
+            rows.append(bench_model(name, d, args, sizes.get(name), log))
+    batch_keys = [f"bs{int(b)}" for b in args.batch_sizes.split(",") if b.strip()]
+    date = _dt.date.today().isoformat()
+    print(f"LesionSeg benchmark, {date}; {machine['cpu']} ({machine['cores']} cores, {machine['torch_threads']} "
+          f"torch threads), GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}")
+    print(f"command: {command}")
+    print(f"{args.slices} slices of {args.slice_size}² per volume; slices/s, median of {args.repeats} repeats\n")
+    print(_table(rows, batch_keys))
+    print()
+    print(_memory_table(rows))
+    for r in rows:
+        if "speedup_auto" in r:
+            print(f"{r['model']} {r['device']}: speedup over the reference loop "
+                  f"{r['speedup_auto']:.2f}× (auto batch {r['auto_batch']}), best {r['speedup_best']:.2f}×")
+    if args.json:
+        from ..inference.io import write_text
+        write_text(json.dumps({"date": date, "machine": machine, "command": command, "rows": rows}, indent=2),
+                   args.json)
+    return 0

@@ -1,0 +1,207 @@
+"""``lesionseg predict``: segment image files and folders.
+
+For every input (NIfTI, NRRD, MHA/MHD, PNG, JPEG, BMP, TIFF) it writes into the output
+folder, atomically:
+
+* ``<name>_label<ext>``: the label map (uint8, class values) in the input's format and
+  exact geometry (JPEG/BMP inputs give PNG labels: labels must be lossless; MHD/NHDR
+  give single-file MHA/NRRD);
+* with ``--probabilities``: ``<name>_prob<ext>`` (``_prob_<value>`` per class when there
+  are several) — float32 for volumes, 8-bit (probability × 255) for PNG images;
+* ``<name>_lesions.csv``: one row per lesion (unless ``--no-csv``).
+
+A file that fails is reported on one line (``lesionseg predict: FILE: reason``) and the
+others are still processed; the exit status is 1 when any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="segment image files or folders",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    src = p.add_argument_group("network")
+    src.add_argument("--checkpoint", help="LesionSeg checkpoint or official weight file")
+    src.add_argument("--model", help="network name (with --checkpoint: forces it for plain state dicts; "
+                                     "alone: random weights, to test the pipeline)")
+    src.add_argument("--preset", help="task preset (default: the checkpoint's)")
+    run = p.add_argument_group("inference")
+    run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    run.add_argument("--batch-size", default="auto", help="slices per batch, or auto (default)")
+    run.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    run.add_argument("--compile", action="store_true", help="torch.compile the network")
+    run.add_argument("--mode", default="resize", choices=("resize", "native", "tile"),
+                     help="resize slices/images to the network size (default), run them at native "
+                          "resolution, or tile large images (2-D only)")
+    run.add_argument("--tile-overlap", type=float, default=0.25, help="overlap of tiles (fraction, default 0.25)")
+    run.add_argument("--window", help="CT window CENTER,WIDTH overriding the preset's (e.g. -600,1500)")
+    out = p.add_argument_group("results")
+    out.add_argument("--threshold", type=float, help="probability threshold (default: the card's)")
+    out.add_argument("--min-lesion-size", type=float, default=0.0,
+                     help="drop lesions smaller than this (mm³ for volumes, mm² or pixels for images)")
+    out.add_argument("--probabilities", action="store_true", help="also write probability maps")
+    out.add_argument("--no-csv", action="store_true", help="do not write lesion tables")
+    out.add_argument("--recursive", action="store_true", help="also look into sub-folders of input folders")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_predict)
+
+
+def _parse_batch(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SystemExit(f"lesionseg predict: error: --batch-size must be a positive integer or auto, not {value!r}")
+    return n
+
+
+def _parse_window(value):
+    if not value:
+        return None
+    try:
+        c, w = (float(v) for v in value.split(","))
+    except ValueError:
+        raise SystemExit(f"lesionseg predict: error: --window takes CENTER,WIDTH, not {value!r}") from None
+    if w <= 0:
+        raise SystemExit("lesionseg predict: error: the window width must be positive")
+    return {"center": c, "width": w}
+
+
+class _Bar:
+    """One progress line on stderr, redrawn in place on a terminal; on a pipe or log
+    file only the final state of each file is printed (no flood of lines)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.prefix = ""
+
+    def start(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if not self.tty:
+            return
+        filled = int(round(fraction * 30))
+        bar = "#" * filled + "." * (30 - filled)
+        sys.stderr.write(f"\r{self.prefix} [{bar}] {fraction * 100:5.1f}% {message[:30]:<30}")
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r" + " " * (len(self.prefix) + 80) + "\r")
+            sys.stderr.flush()
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    out_dir = Path(args.output)
+    window = _parse_window(args.window)
+    batch = _parse_batch(args.batch_size)
+    if not args.checkpoint and not args.model:
+        print("lesionseg predict: error: give --checkpoint (trained weights) or --model", file=sys.stderr)
+        return 2
+    from ..checkpoint import load as load_checkpoint
+    from ..inference import Predictor
+    from ..inference import io as lio
+    if args.checkpoint:
+        source = load_checkpoint(args.checkpoint, model=args.model, preset=args.preset)
+    else:
+        from .. import models
+        print(f"lesionseg predict: warning: no --checkpoint: {args.model} has random weights "
+              f"(for testing the pipeline only)", file=sys.stderr)
+        source = models.create(args.model, preset=args.preset)
+    predictor = Predictor(source, preset=args.preset, device=args.device, precision=args.precision,
+                          batch_size=batch, tta=args.tta, compile=args.compile)
+    if not args.quiet:
+        print(f"lesionseg predict: {predictor.name} ({predictor.preset}), {predictor.device_message}, "
+              f"{predictor.precision}", file=sys.stderr)
+
+    files, problems = lio.list_inputs(args.inputs, recursive=args.recursive, exclude=[out_dir])
+    failed = 0
+    for path, reason in problems:
+        print(f"lesionseg predict: {path}: {reason}", file=sys.stderr)
+        failed += 1
+    inputs_resolved = {f.resolve() for f in files}
+    bar = _Bar(not args.quiet)
+    for n, path in enumerate(files, 1):
+        bar.start(f"[{n}/{len(files)}] {path.name}")
+        t0 = time.perf_counter()
+        try:
+            written, lesions = _predict_file(predictor, path, out_dir, args, window, bar, inputs_resolved)
+        except KeyboardInterrupt:
+            bar.end()
+            print(f"lesionseg predict: interrupted at {path}", file=sys.stderr)
+            return 130
+        except Exception as e:  # one bad file must not stop the others
+            bar.end()
+            msg = " ".join(str(e).split()) or type(e).__name__
+            print(f"lesionseg predict: {path}: {msg}", file=sys.stderr)
+            failed += 1
+            continue
+        bar.end()
+        print(f"{path} -> {written[0]} ({lesions} lesion{'s' if lesions != 1 else ''}, "
+              f"{time.perf_counter() - t0:.1f} s)")
+    if failed:
+        print(f"lesionseg predict: {failed} of {len(files) + len(problems)} input(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar, inputs_resolved):
+    import numpy as np
+    import SimpleITK as sitk
+    from ..inference import io as lio
+    from ..preprocessing import InputError
+
+    image = lio.read_image(path)
+    stem, ext = lio.split_ext(path)
+    oext = lio.output_ext(ext)
+    targets = {"label": out_dir / f"{stem}_label{oext}"}
+    for t in targets.values():
+        if t.resolve() in inputs_resolved:
+            raise InputError(f"the output {t} would overwrite an input file; choose another output folder")
+    dim = image.GetDimension()
+    if dim == 3:
+        if args.mode == "tile":
+            raise InputError("--mode tile is for 2-D images; volumes are processed slice by slice")
+        pred = predictor.predict_volume(image, threshold=args.threshold, min_lesion_size_mm3=args.min_lesion_size,
+                                        return_probabilities=args.probabilities, mode=args.mode, window=window,
+                                        progress=bar)
+        label_img = pred.labels
+    elif dim == 2:
+        array = sitk.GetArrayFromImage(image)
+        photo = ext in lio.PHOTO_EXTS
+        pred = predictor.predict_image(array, mode=args.mode, tile_overlap=args.tile_overlap,
+                                       threshold=args.threshold, return_probabilities=args.probabilities,
+                                       spacing=None if photo else image.GetSpacing(),
+                                       min_lesion_size_mm2=args.min_lesion_size, window=window, progress=bar)
+        label_img = sitk.GetImageFromArray(pred.labels)
+        label_img.CopyInformation(image)
+    else:
+        raise InputError(f"{dim}-D images are not supported (2-D images and 3-D volumes)")
+
+    written = [lio.write_image(label_img, targets["label"])]
+    if args.probabilities and pred.probabilities is not None:
+        several = len(pred.classes) > 1
+        for c, cls in enumerate(pred.classes):
+            name = f"{stem}_prob_{cls['value']}{oext}" if several else f"{stem}_prob{oext}"
+            prob = pred.probabilities[c]
+            if oext in (".png",):  # 8-bit formats cannot hold floats: probability × 255
+                prob = np.round(prob * 255.0).astype(np.uint8)
+            img = sitk.GetImageFromArray(prob)
+            img.CopyInformation(label_img)
+            written.append(lio.write_image(img, out_dir / name))
+    if not args.no_csv:
+        written.append(lio.write_text(lio.lesions_csv(pred.lesions, path.name, pred.classes),
+                                      out_dir / f"{stem}_lesions.csv"))
+    return written, len(pred.lesions)

@@ -1,0 +1,395 @@
+"""Training samples as tensors: sources (2D folders, 3D volumes, in-memory cases), the
+augmentation and resizing, and the resumable, shardable epoch sampler.
+
+A sample is a dict of tensors (collated into the batch of the losses contract):
+``image`` (C, H, W) float32, normalised from the model card (:mod:`LesionSegLib.preprocessing`);
+``mask`` (K, H, W) float in [0, 1], one channel per network output channel (softmax nets:
+K = classes + background, one-hot); ``label`` (H, W) int64 class-index map (0 background);
+``edge`` (1, H, W) float (only when the network has an edge output, BSNet); ``index``.
+
+Randomness never comes from global generators: the sampler derives each epoch's order,
+each batch's size and each sample's augmentation from ``(seed, epoch, position)``. The
+data stream is therefore a pure function of the seed and the position in training, which
+is what makes a run resumed mid-epoch identical to an uninterrupted one, independent of
+the number of loader workers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import preprocessing
+from .errors import DataError
+from .folders import ImagePair
+from .images import derive_edge, read_image, read_mask
+from .volumes import VolumeCase
+
+Size = Tuple[int, int]
+
+
+# --------------------------------------------------------------------------- targets
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the network's outputs need from a mask."""
+    n_classes: int          # foreground classes (label values 1..n_classes)
+    channels: int           # K of batch["mask"]
+    softmax: bool           # mask includes background as channel 0 (one-hot)
+    multi_label: bool
+    edges: bool             # batch carries "edge"
+    classes: Tuple[Dict[str, Any], ...] = ()
+
+
+def target_spec(model_name: str, preset: Dict[str, Any], model_config: Optional[Dict[str, Any]] = None) -> TargetSpec:
+    """Channels of ``batch['mask']`` for a network built with ``model_config``.
+
+    The card's ``outputs`` decide (sigmoid: one channel per class; multi_label: L-Seg's 4);
+    a network built with ``num_classes > 1`` whose card says sigmoid (U-Net, MS-LKSeg) is
+    a softmax network with background as channel 0, as the U-Net card states."""
+    outputs = preset["outputs"]
+    classes = tuple(preset.get("classes", ()))
+    cfg = model_config or {}
+    ch = int(outputs.get("channels", 1))
+    for key in ("num_classes", "n_class", "out_channels"):
+        if key in cfg:
+            ch = int(cfg[key])
+    softmax = outputs.get("activation") == "softmax" or (ch > 1 and not outputs.get("multi_label"))
+    n = ch - 1 if softmax else ch
+    if n < 1:
+        raise DataError(f"{model_name}: a softmax network needs at least 2 output channels")
+    return TargetSpec(n, ch, softmax, bool(outputs.get("multi_label")), bool(outputs.get("edge_output")), classes)
+
+
+# --------------------------------------------------------------------------- geometry
+def _theta(in_hw: Size, field_hw: Tuple[float, float], angle_deg: float, hflip: bool, vflip: bool) -> torch.Tensor:
+    """Affine map from output to input normalised coordinates (align_corners=False):
+    the output shows a ``field_hw`` window (input pixels) centred on the image, rotated by
+    ``angle_deg`` and flipped, whatever the output size. Built in pixel units so that
+    rotations of non-square images are not sheared."""
+    h, w = in_hw
+    fh, fw = field_hw
+    a = math.radians(angle_deg)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    flip = np.diag([-1.0 if hflip else 1.0, -1.0 if vflip else 1.0])
+    m = np.diag([2.0 / w, 2.0 / h]) @ rot @ np.diag([fw / 2.0, fh / 2.0]) @ flip
+    t = np.zeros((1, 2, 3))
+    t[0, :, :2] = m
+    return torch.as_tensor(t, dtype=torch.float32)
+
+
+def warp(x: torch.Tensor, out_hw: Size, *, field_hw=None, angle: float = 0.0, hflip: bool = False,
+         vflip: bool = False, mode: str = "bilinear") -> torch.Tensor:
+    """Resample (N, H, W) float maps to ``out_hw``: resize (``field_hw`` None: the whole
+    image) or centre crop/pad (``field_hw`` = ``out_hw`` at matching pixel size), with a
+    rotation and flips, in one ``grid_sample`` (outside the image: 0)."""
+    in_hw = tuple(x.shape[-2:])
+    field_hw = in_hw if field_hw is None else field_hw
+    identity = angle == 0 and not hflip and not vflip and tuple(field_hw) == in_hw
+    if identity and tuple(out_hw) == in_hw:
+        return x
+    theta = _theta(in_hw, field_hw, angle, hflip, vflip)
+    grid = F.affine_grid(theta, [1, x.shape[0], int(out_hw[0]), int(out_hw[1])], align_corners=False)
+    return F.grid_sample(x[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+
+
+def _apply_intensity(transform: preprocessing.IntensityTransform, x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    if len(transform.scale) not in (1, n):
+        # 2.5D stacks on a network whose card has per-colour statistics: one mean map for all
+        transform = preprocessing.IntensityTransform(transform.lo, transform.hi, (float(np.mean(transform.scale)),),
+                                                     (float(np.mean(transform.shift)),))
+    return transform.apply(x.astype(np.float32), channel_axis=0)
+
+
+# --------------------------------------------------------------------------- sources
+class FolderSource:
+    """2D image/mask files. :meth:`check` reads every file once (errors name the file)
+    and keeps the decoded pixels in memory when they fit ``cache_bytes``."""
+
+    kind = "folder"
+
+    def __init__(self, pairs: Sequence[ImagePair], input_spec: Dict[str, Any], spec: TargetSpec,
+                 cache_bytes: int = 2 << 30):
+        self.pairs = list(pairs)
+        self.input_spec = input_spec
+        self.spec = spec
+        self.cache_bytes = cache_bytes
+        self._cache: Dict[int, Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = {}
+        self.weights = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def case(self, i: int) -> str:
+        return self.pairs[i].case
+
+    def _read(self, i: int):
+        p = self.pairs[i]
+        # grey saved as RGB is grey for a one-channel network, colour for the others
+        img = read_image(p.image, grey_if_equal=int(self.input_spec["channels"]) == 1)
+        lab = read_mask(p.mask, self.spec.classes, self.spec.n_classes)
+        if img.shape[:2] != lab.shape:
+            raise DataError(f"{p.mask}: mask is {lab.shape[1]}x{lab.shape[0]} (WxH) but image {p.image.name} is "
+                            f"{img.shape[1]}x{img.shape[0]}")
+        edge = None
+        if self.spec.edges and p.edge is not None:
+            e = read_image(p.edge)
+            if e.ndim == 3:
+                e = e[..., 0]
+            if e.shape != lab.shape:
+                raise DataError(f"{p.edge}: edge map is {e.shape[1]}x{e.shape[0]} but image {p.image.name} is "
+                                f"{img.shape[1]}x{img.shape[0]}")
+            edge = (e >= 128).astype(np.uint8) if e.max(initial=0) > 1 else (e > 0).astype(np.uint8)
+        return img, lab, edge
+
+    def check(self) -> Dict[str, Any]:
+        problems: List[str] = []
+        fg_images, total = 0, 0
+        used = 0
+        for i, p in enumerate(self.pairs):
+            try:
+                img, lab, edge = self._read(i)
+                preprocessing.arrange_channels(img, self.input_spec)
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            except preprocessing.InputError as e:
+                problems.append(f"{p.image}: {e}")
+                continue
+            fg_images += bool(lab.any())
+            size = img.nbytes + lab.astype(np.uint8).nbytes
+            if used + size <= self.cache_bytes:
+                self._cache[i] = (img, lab.astype(np.uint8) if lab.max(initial=0) < 256 else lab, edge)
+                used += size
+            total += 1
+            if len(problems) >= 10:
+                break
+        if problems:
+            more = " (first 10 shown)" if len(problems) >= 10 else ""
+            raise DataError(f"unusable training data{more}:\n  " + "\n  ".join(problems))
+        if fg_images == 0:
+            raise DataError(f"all {total} masks are empty (no lesion pixel in any mask under "
+                            f"{self.pairs[0].mask.parent}): nothing to learn")
+        return {"images": total, "images_with_lesion": fg_images}
+
+    def load(self, i: int):
+        img, lab, edge = self._cache[i] if i in self._cache else self._read(i)
+        x = preprocessing.arrange_channels(img, self.input_spec)
+        transform = preprocessing.plan_intensity(img, self.input_spec)
+        x = _apply_intensity(transform, x)
+        return x, np.asarray(lab, np.int64), edge, None
+
+
+class VolumeSource:
+    """Axial slices of 3D cases; ``context`` neighbouring slices on each side as channels
+    (2.5D, edge slices repeated); lesion-bearing slices oversampled to ``lesion_fraction``
+    of the draws (None: every slice equally often)."""
+
+    kind = "volumes"
+
+    def __init__(self, cases: Sequence[VolumeCase], input_spec: Dict[str, Any], spec: TargetSpec,
+                 context: int = 0, lesion_fraction: Optional[float] = 0.5, pixel_spacing=None):
+        self.cases = list(cases)
+        self.input_spec = input_spec
+        self.spec = spec
+        self.context = int(context)
+        self.pixel_spacing = pixel_spacing
+        self.items: List[Tuple[int, int]] = [(c, z) for c, vc in enumerate(self.cases) for z in range(vc.image.shape[0])]
+        self.transforms = []
+        for vc in self.cases:
+            try:
+                self.transforms.append(preprocessing.plan_intensity(vc.image, input_spec))
+            except preprocessing.InputError as e:
+                raise DataError(f"{vc.source or vc.case}: {e}") from None
+        lesion = np.array([bool(self.cases[c].label[z].any()) for c, z in self.items])
+        self.lesion = lesion
+        self.weights = None
+        if lesion_fraction is not None and 0 < lesion.sum() < len(lesion):
+            frac = lesion.mean()
+            if frac < lesion_fraction:
+                w = np.where(lesion, lesion_fraction / frac, (1 - lesion_fraction) / (1 - frac))
+                self.weights = w / w.sum()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def case(self, i: int) -> str:
+        return self.cases[self.items[i][0]].case
+
+    def check(self) -> Dict[str, Any]:
+        if not self.items:
+            raise DataError("the volumes have no slices")
+        if not self.lesion.any():
+            raise DataError(f"all {len(self.cases)} label volumes are empty (no lesion voxel): nothing to learn")
+        for vc in self.cases:
+            try:
+                self._channels(vc, 0)
+            except preprocessing.InputError as e:
+                raise DataError(f"{vc.source or vc.case}: {e}") from None
+        return {"volumes": len(self.cases), "slices": len(self.items), "slices_with_lesion": int(self.lesion.sum())}
+
+    def _channels(self, vc: VolumeCase, z: int) -> np.ndarray:
+        if self.context:
+            zs = np.clip(np.arange(z - self.context, z + self.context + 1), 0, vc.image.shape[0] - 1)
+            return vc.image[zs]
+        return preprocessing.arrange_channels(vc.image[z], self.input_spec, color=False)
+
+    def load(self, i: int):
+        c, z = self.items[i]
+        vc = self.cases[c]
+        x = _apply_intensity(self.transforms[c], self._channels(vc, z))
+        lab = vc.label[z]
+        return x, lab, None, vc.spacing
+
+
+# --------------------------------------------------------------------------- dataset
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Samples of a source, keyed by ``(index, augmentation seed, (H, W))`` (the epoch
+    sampler's keys) or a plain index (no augmentation, ``size``)."""
+
+    def __init__(self, source, spec: TargetSpec, size: Size, augment: Optional[Dict[str, Any]] = None,
+                 mask_interpolation: str = "bilinear", fit: str = "resize"):
+        self.source = source
+        self.spec = spec
+        self.size = tuple(int(s) for s in size)
+        self.augment = dict(augment or {})
+        self.mask_interpolation = mask_interpolation
+        self.fit = fit
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _aug_params(self, seed: Optional[int]) -> Dict[str, Any]:
+        a = self.augment
+        if seed is None or not a:
+            return {"angle": 0.0, "hflip": False, "vflip": False, "scale": 1.0}
+        rng = np.random.default_rng(seed)
+        # draw every parameter whether or not it is enabled, so that enabling one option
+        # does not change the others' random streams
+        u = rng.random(4)
+        rot = float(a.get("rotate", 0) or 0)
+        lo, hi = a.get("scale") or (1.0, 1.0)
+        return {"hflip": bool(u[0] < float(a.get("hflip", 0) or 0)),
+                "vflip": bool(u[1] < float(a.get("vflip", 0) or 0)),
+                "angle": (2 * u[2] - 1) * rot,
+                "scale": float(lo + (hi - lo) * u[3])}
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, seed, size = key
+        else:
+            index, seed, size = int(key), None, self.size
+        x, lab, edge, _ = self.source.load(index)
+        p = self._aug_params(seed)
+        spec = self.spec
+        h, w = lab.shape
+        if self.fit == "crop":
+            field = (size[0] / p["scale"], size[1] / p["scale"])
+        else:
+            field = (h / p["scale"], w / p["scale"])
+        image = warp(torch.from_numpy(np.ascontiguousarray(x)), size, field_hw=field, angle=p["angle"],
+                     hflip=p["hflip"], vflip=p["vflip"])
+        if self.mask_interpolation == "nearest":
+            lab_t = torch.from_numpy(np.ascontiguousarray(lab)).long()
+            lab_w = warp(lab_t[None].float(), size, field_hw=field, angle=p["angle"], hflip=p["hflip"],
+                         vflip=p["vflip"], mode="nearest")[0].round().long()
+            fg = F.one_hot(lab_w, spec.n_classes + 1).permute(2, 0, 1)[1:].float()
+        else:
+            onehot = torch.from_numpy(np.stack([lab == c for c in range(1, spec.n_classes + 1)]).astype(np.float32))
+            fg = warp(onehot, size, field_hw=field, angle=p["angle"], hflip=p["hflip"], vflip=p["vflip"]).clamp(0, 1)
+        bg = (1 - fg.sum(0, keepdim=True)).clamp(0, 1)
+        label = torch.cat([bg, fg]).argmax(0)
+        sample = {"image": image.contiguous(), "mask": (torch.cat([bg, fg]) if spec.softmax else fg).contiguous(),
+                  "label": label, "index": torch.tensor(index)}
+        if spec.edges:
+            e = derive_edge(lab) if edge is None else edge
+            sample["edge"] = warp(torch.from_numpy(e.astype(np.float32))[None], size, field_hw=field, angle=p["angle"],
+                                  hflip=p["hflip"], vflip=p["vflip"]).clamp(0, 1)
+        return sample
+
+
+# --------------------------------------------------------------------------- sampler
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``(index, augmentation seed, size)`` keys for one epoch at a time.
+
+    The epoch order is a permutation (or, with ``weights``, a weighted draw with
+    replacement: lesion-slice oversampling) from ``(seed, epoch)``; ``epoch_length``
+    (default: the number of samples) fixes the samples per epoch, by whole permutations.
+    Sharded like ``DistributedSampler``: the order is padded to a multiple of
+    ``world_size`` and rank r takes every world_size-th key from r, so every rank has
+    the same number of steps. ``sizes``: one size per batch drawn from the list
+    (``"random"``, M2SNet), or every batch repeated at each size (``"cycle"``, Inf-Net's
+    multi-scale loop). ``start`` skips the first batches (resuming mid-epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, *, sizes: Sequence[Size], size_mode: str = "random",
+                 weights: Optional[np.ndarray] = None, shuffle: bool = True, drop_last: Optional[bool] = None,
+                 rank: int = 0, world_size: int = 1, augment: bool = True, epoch_length: Optional[int] = None):
+        if n <= 0:
+            raise DataError("no training samples")
+        self.n, self.batch_size, self.seed = n, int(batch_size), int(seed)
+        self.length = int(epoch_length) if epoch_length else n
+        self.sizes = [tuple(int(v) for v in s) for s in sizes]
+        self.size_mode = size_mode
+        self.weights = weights
+        self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = math.ceil(self.length / world_size)
+        self.drop_last = (self.per_rank >= 2 * self.batch_size) if drop_last is None else drop_last
+        self.augment = augment
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def _batches(self) -> int:
+        b = self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
+        return max(b, 1)
+
+    def __len__(self) -> int:
+        reps = len(self.sizes) if self.size_mode == "cycle" else 1
+        return max(0, self._batches() * reps - self.start)
+
+    def epoch_keys(self) -> List[List[Tuple[int, int, Size]]]:
+        rng = np.random.default_rng(_seed(self.seed, self.epoch, 1))
+        if self.weights is not None:
+            order = rng.choice(self.n, size=self.length, replace=True, p=self.weights)
+        else:
+            # whole passes over the data (each a permutation) until the epoch length
+            passes = [rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+                      for _ in range(math.ceil(self.length / self.n))]
+            order = np.concatenate(passes)[: self.length]
+        total = self.per_rank * self.world_size
+        if total > self.length:  # pad by repeating from the start, as DistributedSampler
+            order = np.concatenate([order, order[: total - self.length]])
+        positions = np.arange(total)[self.rank::self.world_size]
+        mine = order[self.rank::self.world_size]
+        batches = []
+        for b in range(self._batches()):
+            idx = mine[b * self.batch_size:(b + 1) * self.batch_size]
+            pos = positions[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.size_mode == "cycle":
+                sizes = self.sizes
+            else:
+                pick = np.random.default_rng(_seed(self.seed, self.epoch, 2, b)).integers(len(self.sizes))
+                sizes = [self.sizes[int(pick)]]
+            for si, s in enumerate(sizes):
+                batches.append([(int(i), _seed(self.seed, self.epoch, 3, int(q), si) if self.augment else None, s)
+                                for i, q in zip(idx, pos)])
+        return batches
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int, Size]]]:
+        yield from self.epoch_keys()[self.start:]
+
+
+def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

@@ -1,0 +1,79 @@
+"""Cancellation and progress reporting for long inference runs.
+
+A :class:`CancelToken` is shared between the caller (a Slicer button, a CLI signal
+handler) and the worker, which checks it between batches. A cancelled run raises
+:class:`Cancelled` and returns nothing: partial label maps are never handed out, so a
+user cannot mistake half a volume for a finished result.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+ProgressCallback = Callable[[float, str], None]
+
+
+class Cancelled(Exception):
+    """The run was cancelled through its :class:`CancelToken`; nothing was produced."""
+
+
+class CancelToken:
+    """Thread-safe cancellation flag (``cancel()`` may be called from any thread)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+class Progress:
+    """Wraps a user's ``progress(fraction, message)`` callback so that it is only ever
+    called with fractions in [0, 1] that never decrease, and checks the cancel token at
+    each report (reports happen between batches, which is where a run may stop).
+
+    ``span(start, end)`` gives a child reporter whose 0…1 maps onto start…end of this
+    one, so that stages (inference, post-processing) can report on their own scale.
+    """
+
+    def __init__(self, callback: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+                 start: float = 0.0, end: float = 1.0, _root: "Progress" = None) -> None:
+        self.callback = callback
+        self.cancel = cancel
+        self.start, self.end = float(start), float(end)
+        self._root = _root or self
+        if _root is None:
+            self._last = -1.0
+
+    def span(self, start: float, end: float) -> "Progress":
+        a = self.start + (self.end - self.start) * start
+        b = self.start + (self.end - self.start) * end
+        return Progress(self.callback, self.cancel, a, b, _root=self._root)
+
+    def check(self) -> None:
+        if self.cancel is not None:
+            self.cancel.raise_if_cancelled()
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        self.check()
+        value = self.start + (self.end - self.start) * min(max(float(fraction), 0.0), 1.0)
+        root = self._root
+        value = max(value, root._last)  # monotone even if a stage reports out of order
+        root._last = value
+        if self.callback is not None:
+            self.callback(value, message)
+
+    def done(self, message: str = "done") -> None:
+        """The final report: exactly 1.0 (called once the result is complete)."""
+        root = self._root
+        root._last = 1.0
+        if self.callback is not None:
+            self.callback(1.0, message)

@@ -1,0 +1,122 @@
+"""Where and how fast a network runs: device, precision, batch size, memory layout.
+
+Kept apart from the predictor so that the benchmark and the Slicer module can ask the
+same questions ("which device will be used, and why?") without running anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("LesionSeg")
+
+#: on the CPU, a batch holds about this many network-input pixels (4 slices of 352²).
+#: Batching gives the deep, low-resolution layers of the encoders wider GEMMs (Res2Net
+#: networks run 2-3× faster at batch 4 than at batch 1), while full-resolution layers
+#: become memory-bound once a batch's feature maps outgrow the caches (U-Net at 352² is
+#: fastest at batch 2); 4 × 352² is the compromise measured in docs/performance.md
+CPU_PIXELS_PER_BATCH = 4 * 352 * 352
+CPU_MAX_BATCH = 16
+MAX_BATCH = 64
+#: fraction of the free GPU memory a batch may plan to use (the rest: fragmentation,
+#: the resize back to full slices, other applications such as Slicer's renderer)
+GPU_MEMORY_FRACTION = 0.6
+
+OutOfMemory = tuple(e for e in (getattr(torch, "OutOfMemoryError", None),
+                                getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if OutOfMemory and isinstance(error, OutOfMemory):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def select_device(device: str = "auto") -> Tuple[torch.device, str]:
+    """``(device, message)``. ``auto`` takes the first CUDA GPU that can really run a
+    kernel (a driver mismatch or a full GPU is found here, not in the middle of a
+    volume), else the CPU; the message says what was chosen and why."""
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            try:
+                torch.zeros(1, device="cuda").add_(1).item()
+                return torch.device("cuda"), f"running on the GPU ({torch.cuda.get_device_name(0)})"
+            except Exception as e:  # driver/toolkit mismatch, GPU busy or broken
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                return torch.device("cpu"), f"a CUDA GPU is present but not usable ({msg}); running on the CPU"
+        return torch.device("cpu"), "no usable GPU found; running on the CPU"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was requested but this PyTorch ({torch.__version__}) "
+                               f"sees no CUDA GPU; use device='cpu' or 'auto'")
+        dev = torch.device(device)
+        return dev, f"running on the GPU ({torch.cuda.get_device_name(dev)})"
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise RuntimeError("device 'mps' was requested but Apple's Metal backend is not available")
+        return torch.device("mps"), "running on the Apple GPU (mps)"
+    if device == "cpu":
+        return torch.device("cpu"), "running on the CPU"
+    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+_PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def select_precision(precision: str, device: torch.device) -> Tuple[str, Optional[torch.dtype]]:
+    """``(name, autocast dtype or None)``. ``auto``: bf16 autocast on CUDA GPUs that
+    support it (same exponent range as fp32, so logits do not overflow), fp16 on older
+    ones, fp32 on the CPU (CPUs without native bf16 are slower in bf16)."""
+    p = (precision or "auto").strip().lower()
+    if p == "auto":
+        if device.type == "cuda":
+            return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+        return "fp32", None
+    if p not in _PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use 'auto', 'fp32', 'bf16' or 'fp16'")
+    dtype = _PRECISIONS[p]
+    return ("fp32" if dtype is None else ("bf16" if dtype is torch.bfloat16 else "fp16")), dtype
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Channels-last (NHWC) storage for every 4-D weight, in place. ``Module.to(
+    memory_format=…)`` refuses networks holding other ranks (MS-LKSeg's dynamic 5-D
+    kernels), so tensors are converted one by one; others are left as they are."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def cpu_batch_size(height: int, width: int) -> int:
+    return int(min(CPU_MAX_BATCH, max(1, round(CPU_PIXELS_PER_BATCH / max(1, height * width)))))
+
+
+def available_host_memory() -> Optional[int]:
+    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

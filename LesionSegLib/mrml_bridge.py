@@ -1,0 +1,581 @@
+"""Bridge between Slicer's MRML nodes and the numpy / SimpleITK world of LesionSegLib.
+
+Everything here works both inside the Slicer application and with the Qt-free
+``slicer-core`` wheel (plain Python, no ``slicer.app``): it uses MRML nodes, storage nodes
+and the static functions of ``vtkSlicerSegmentationsModuleLogic`` only, never
+``slicer.util.loadVolume`` & co. (they need the Qt application). ``slicer`` and ``vtk``
+are imported inside the functions, so importing this module costs nothing and needs
+neither Slicer nor torch.
+
+Geometry conventions
+--------------------
+MRML volumes are in RAS, ITK/SimpleITK images in LPS. A volume node's ``IJKToRAS`` matrix
+is ``[D·diag(spacing) | origin]`` with unit direction columns D; the SimpleITK image of
+the same voxels has direction ``F·D`` and origin ``F·origin`` with ``F = diag(-1, -1, 1)``.
+numpy arrays are (k, j, i) = (z, y, x) on both sides, so voxel arrays are never
+transposed. Oblique directions, anisotropic spacing and any origin are kept exactly.
+
+Segments
+--------
+A model card class ``{"value", "name", "color" (0-255), "terminology"}`` becomes one
+segment: name, colour (0-1) and a Slicer terminology entry string, with the
+"auto-generated" flags cleared so that Slicer keeps them.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+#: terminology context names Slicer uses for DICOM codes (category/type, anatomic region)
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+#: segment tag holding "model:class value", so that re-running a model updates its own segments
+CLASS_TAG = "LesionSeg.Class"
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+_keep_alive: List[Any] = []   # logics that must outlive the call that created them
+
+
+class BridgeError(ValueError):
+    """A node or file that cannot be converted, with the reason."""
+
+
+# ----------------------------------------------------------------------------- scene
+
+
+def ensure_segmentation_converters() -> None:
+    """Register the segmentation representation converters once per process.
+
+    In the Slicer application the Segmentations module has done it at startup. With
+    slicer-core alone, ``vtkSegmentation.AddEmptySegment`` fails until a
+    ``vtkSlicerSegmentationsModuleLogic`` has been given a scene (that call registers the
+    rules); registering them by hand as well would duplicate them, so this only acts
+    when there are none."""
+    import slicer
+    if len(slicer.vtkSegmentationConverterFactory.GetInstance().GetConverterRules()) > 0:
+        return
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    _keep_alive.extend([scene, logic])
+
+
+def new_scene():
+    """A standalone MRML scene with the module logics Slicer would register at startup
+    (colours, volumes, segmentations), for use without the Slicer application: batch
+    processing from plain Python, tests. Inside Slicer use ``slicer.mrmlScene``."""
+    import slicer
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    logics = [("Colors", slicer.vtkSlicerColorLogic()), ("Volumes", slicer.vtkSlicerVolumesLogic()),
+              ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic())]
+    for name, logic in logics:
+        # order matters: the colour logic looks for the application logic in SetMRMLScene
+        logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetMRMLScene(scene)
+        app_logic.SetModuleLogic(name, logic)
+    _keep_alive.extend([app_logic] + [lg for _, lg in logics])
+    return scene
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    """4×4 IJKToRAS matrix of a volume node (its own coordinates, parent transform not applied)."""
+    import vtk
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _vtk_matrix(a: np.ndarray):
+    import vtk
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+def sitk_geometry_to_ijk_to_ras(spacing, origin, direction) -> np.ndarray:
+    """IJKToRAS of a SimpleITK geometry (LPS) — the inverse of :func:`ijk_to_ras_to_sitk_geometry`."""
+    d = np.asarray(direction, float).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = _LPS @ d @ np.diag(np.asarray(spacing, float))
+    m[:3, 3] = _LPS @ np.asarray(origin, float)
+    return m
+
+
+def ijk_to_ras_to_sitk_geometry(matrix: np.ndarray):
+    """(spacing, origin, direction) in LPS of an IJKToRAS matrix."""
+    a = np.asarray(matrix, float)[:3, :3]
+    spacing = np.linalg.norm(a, axis=0)
+    if np.any(spacing <= 0):
+        raise BridgeError(f"degenerate IJKToRAS matrix (zero spacing): {matrix.tolist()}")
+    direction = _LPS @ (a / spacing)
+    origin = _LPS @ np.asarray(matrix, float)[:3, 3]
+    return tuple(spacing.tolist()), tuple(origin.tolist()), tuple(direction.reshape(-1).tolist())
+
+
+def volume_array(node) -> np.ndarray:
+    """A copy of a volume node's voxels: (z, y, x) or (z, y, x, components)."""
+    from vtk.util import numpy_support
+    image = node.GetImageData() if node is not None else None
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise BridgeError(f"volume {getattr(node, 'GetName', lambda: node)()!r} has no voxel data")
+    dims = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    ncomp = scalars.GetNumberOfComponents()
+    arr = numpy_support.vtk_to_numpy(scalars)
+    shape = (dims[2], dims[1], dims[0]) + ((ncomp,) if ncomp > 1 else ())
+    # copy: the caller may run inference on another thread while the node changes
+    return np.array(arr.reshape(shape), copy=True)
+
+
+def volume_to_sitk(node):
+    """SimpleITK image of a scalar or vector volume node, with its exact geometry
+    (oblique direction, anisotropic spacing, origin; image extents not starting at 0
+    are folded into the origin). Vector volumes (RGB) become vector images."""
+    import SimpleITK as sitk
+    arr = volume_array(node)
+    matrix = ijk_to_ras(node)
+    extent = node.GetImageData().GetExtent()
+    if extent[0] or extent[2] or extent[4]:
+        matrix = matrix.copy()
+        matrix[:3, 3] = matrix[:3, :3] @ np.array([extent[0], extent[2], extent[4]], float) + matrix[:3, 3]
+    spacing, origin, direction = ijk_to_ras_to_sitk_geometry(matrix)
+    image = sitk.GetImageFromArray(arr, isVector=arr.ndim == 4)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+def sitk_to_volume(image, scene, name: str, node_class: Optional[str] = None, node=None):
+    """Add (or update ``node``) a volume node holding a SimpleITK image with its geometry.
+    ``node_class`` defaults to a vector volume for multi-component images, otherwise a
+    scalar volume; pass "vtkMRMLLabelMapVolumeNode" for labels."""
+    import SimpleITK as sitk
+    arr = sitk.GetArrayFromImage(image)
+    if image.GetDimension() == 2:
+        arr = arr[None]
+        spacing = tuple(image.GetSpacing()) + (1.0,)
+        origin = tuple(image.GetOrigin()) + (0.0,)
+        d2 = np.asarray(image.GetDirection()).reshape(2, 2)
+        d = np.eye(3)
+        d[:2, :2] = d2
+        direction = tuple(d.reshape(-1))
+    else:
+        spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+    vector = image.GetNumberOfComponentsPerPixel() > 1
+    if node is None:
+        node_class = node_class or ("vtkMRMLVectorVolumeNode" if vector else "vtkMRMLScalarVolumeNode")
+        node = scene.AddNewNodeByClass(node_class, name)
+    update_volume_from_array(node, arr, sitk_geometry_to_ijk_to_ras(spacing, origin, direction))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def update_volume_from_array(node, arr: np.ndarray, matrix: Optional[np.ndarray] = None) -> None:
+    """Replace a volume node's voxels with ``arr`` (z, y, x[, c]) (deep copy) and, when
+    given, its IJKToRAS matrix."""
+    import vtk
+    from vtk.util import numpy_support
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim not in (3, 4):
+        raise BridgeError(f"volume arrays are (z, y, x) or (z, y, x, c), got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    image = vtk.vtkImageData()
+    image.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
+    ncomp = arr.shape[3] if arr.ndim == 4 else 1
+    flat = numpy_support.numpy_to_vtk(arr.reshape(-1, ncomp) if ncomp > 1 else arr.reshape(-1), deep=True)
+    flat.SetNumberOfComponents(ncomp)
+    image.GetPointData().SetScalars(flat)
+    if matrix is not None:
+        node.SetIJKToRASMatrix(_vtk_matrix(matrix))
+    node.SetAndObserveImageData(image)
+
+
+def _oriented_image(mask: np.ndarray, matrix: np.ndarray):
+    """uint8 vtkOrientedImageData of a (z, y, x) mask with an IJK→world matrix."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(mask.shape)[:] = mask
+    image.SetImageToWorldMatrix(_vtk_matrix(matrix))
+    return image
+
+
+def _oriented_array(image) -> np.ndarray:
+    from vtk.util import numpy_support
+    ext = image.GetExtent()
+    shape = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)
+
+
+def _volume_to_segmentation_matrix(volume_node, segmentation_node) -> np.ndarray:
+    """IJK of the volume → the segmentation node's own coordinates (they differ only
+    when the two nodes sit under different linear transforms)."""
+    import slicer
+    import vtk
+    m = ijk_to_ras(volume_node)
+    vt, st = volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode()
+    if vt is st:
+        return m
+    between = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(vt, st, between):
+        raise BridgeError(f"volume {volume_node.GetName()!r} and segmentation {segmentation_node.GetName()!r} "
+                          "are related by a non-linear transform; harden it or put both under the same transform")
+    b = np.array([[between.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return b @ m
+
+
+# ----------------------------------------------------------------------------- terminology
+
+
+def _code(triplet) -> str:
+    if not triplet:
+        return "^^"
+    scheme, value, meaning = (list(triplet) + ["", "", ""])[:3]
+    for part in (scheme, value, meaning):
+        if any(ch in str(part) for ch in "~^|"):
+            raise BridgeError(f"terminology code {triplet!r} contains a reserved character (~ ^ |)")
+    return f"{scheme}^{value}^{meaning}"
+
+
+def terminology_entry(terminology: Optional[Mapping[str, Any]]) -> str:
+    """Slicer terminology entry string of a model-card terminology
+    ``{"category": [scheme, value, meaning], "type": …, "type_modifier": …,
+    "anatomic_region": …, "anatomic_region_modifier": …}``:
+    ``context~category~type~typeModifier~regionContext~region~regionModifier``, each
+    code as ``scheme^value^meaning`` (empty codes ``^^``). Empty string when the card
+    has no category/type."""
+    if not terminology or not terminology.get("category") or not terminology.get("type"):
+        return ""
+    t = terminology
+    return "~".join([
+        t.get("context", TERMINOLOGY_CONTEXT), _code(t["category"]), _code(t["type"]),
+        _code(t.get("type_modifier")), t.get("anatomic_context", ANATOMIC_CONTEXT),
+        _code(t.get("anatomic_region")), _code(t.get("anatomic_region_modifier"))])
+
+
+def parse_terminology_entry(entry: str) -> Dict[str, Any]:
+    """The inverse of :func:`terminology_entry` (for reading segments back)."""
+    parts = (entry or "").split("~")
+    if len(parts) != 7:
+        return {}
+    def code(s):
+        c = s.split("^")
+        return c if len(c) == 3 and any(c) else None
+    out = {"context": parts[0], "category": code(parts[1]), "type": code(parts[2]),
+           "type_modifier": code(parts[3]), "anatomic_context": parts[4],
+           "anatomic_region": code(parts[5]), "anatomic_region_modifier": code(parts[6])}
+    return {k: v for k, v in out.items() if v}
+
+
+# ----------------------------------------------------------------------------- segments
+
+
+def _color01(color) -> List[float]:
+    c = [float(v) for v in (color or (255, 64, 64))][:3]
+    return [v / 255.0 for v in c] if max(c) > 1.0 else c
+
+
+def class_tag(model: str, value: int) -> str:
+    return f"{model}:{int(value)}"
+
+
+def find_class_segment(segmentation_node, cls: Mapping[str, Any], model: Optional[str] = None) -> Optional[str]:
+    """ID of the segment that holds class ``cls``: the one tagged by an earlier run of the
+    same model, else the one with the class's name (case-insensitive); None if neither."""
+    seg = segmentation_node.GetSegmentation()
+    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+    if model:
+        want = class_tag(model, cls["value"])
+        for sid in ids:
+            tag = _get_tag(seg.GetSegment(sid), CLASS_TAG)
+            if tag == want:
+                return sid
+    name = str(cls["name"]).strip().lower()
+    for sid in ids:
+        if (seg.GetSegment(sid).GetName() or "").strip().lower() == name:
+            return sid
+    return None
+
+
+def _get_tag(segment, name: str) -> Optional[str]:
+    import vtk
+    holder = vtk.reference("")
+    return str(holder) if segment.GetTag(name, holder) else None
+
+
+def add_class_segment(segmentation_node, cls: Mapping[str, Any], model: Optional[str] = None) -> str:
+    """Add an empty segment named, coloured and terminology-coded from a card class."""
+    seg = segmentation_node.GetSegmentation()
+    base = "".join(ch if ch.isalnum() else "_" for ch in str(cls["name"])).strip("_") or "Lesion"
+    sid = seg.GenerateUniqueSegmentID(base)
+    new_id = seg.AddEmptySegment(sid, str(cls["name"]), _color01(cls.get("color")))
+    if not new_id:
+        raise BridgeError(f"could not add segment {cls['name']!r} to {segmentation_node.GetName()!r}")
+    describe_segment(segmentation_node, new_id, cls, model)
+    return new_id
+
+
+def describe_segment(segmentation_node, segment_id: str, cls: Mapping[str, Any], model: Optional[str] = None,
+                     rename: bool = True) -> None:
+    """Set a segment's name (if ``rename``), colour, terminology and class tag from a card class."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise BridgeError(f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r}")
+    if rename:
+        segment.SetName(str(cls["name"]))
+        segment.SetNameAutoGenerated(False)
+    segment.SetColor(*_color01(cls.get("color")))
+    segment.SetColorAutoGenerated(False)
+    entry = terminology_entry(cls.get("terminology"))
+    if entry:
+        segment.SetTerminology(entry)
+    if model:
+        segment.SetTag(CLASS_TAG, class_tag(model, cls["value"]))
+
+
+def prepare_segmentation(segmentation_node, volume_node) -> None:
+    """Give a new (or empty) segmentation the volume's geometry and transform, and
+    display nodes; an existing non-empty segmentation keeps its own geometry."""
+    ensure_segmentation_converters()
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        if volume_node.GetParentTransformNode() is not None:
+            segmentation_node.SetAndObserveTransformNodeID(volume_node.GetParentTransformNode().GetID())
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    if segmentation_node.GetScene() is not None and segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+
+
+def mask_labelmap(mask: np.ndarray, volume_node, segmentation_node):
+    """vtkOrientedImageData of a (z, y, x) mask on ``volume_node``'s grid, in the
+    segmentation's coordinates (for ``SetBinaryLabelmapToSegment`` or an editor's
+    ``ModifySegmentByLabelmap``)."""
+    dims = volume_node.GetImageData().GetDimensions()
+    if tuple(mask.shape) != (dims[2], dims[1], dims[0]):
+        raise BridgeError(f"mask shape {tuple(mask.shape)} does not match volume {volume_node.GetName()!r} "
+                          f"(z, y, x) = {(dims[2], dims[1], dims[0])}")
+    return _oriented_image(mask.astype(bool), _volume_to_segmentation_matrix(volume_node, segmentation_node))
+
+
+def resample_to(image, reference):
+    """Nearest-neighbour resample of an oriented image onto another's geometry."""
+    import slicer
+    out = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            image, reference, out, False, True):
+        raise BridgeError("could not resample the labelmap to the segmentation geometry")
+    return out
+
+
+def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, volume_node) -> None:
+    """Replace a segment's voxels by ``mask`` (z, y, x on ``volume_node``'s grid), with no
+    editor masking. Overlapping segments are kept (Slicer moves the segment to its own
+    labelmap layer)."""
+    import slicer
+    labelmap = mask_labelmap(mask, volume_node, segmentation_node)
+    L = slicer.vtkSlicerSegmentationsModuleLogic
+    if not L.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, L.MODE_REPLACE):
+        raise BridgeError(f"could not write segment {segment_id!r} of {segmentation_node.GetName()!r}")
+
+
+def modify_segment_with_editor(editor_logic, segmentation_node, segment_id: str, mask: np.ndarray, volume_node,
+                               mode: Optional[int] = None) -> None:
+    """Write ``mask`` into a segment the way a Segment Editor effect does: through the
+    editor's modifier labelmap and ``ModifySegmentByLabelmap``, so that the editor
+    node's masking settings (editable area: inside/outside segments, editable intensity
+    range, overwrite of other segments) apply. ``editor_logic`` is a
+    ``vtkSlicerSegmentEditorLogic`` whose editor node has this segmentation and a source
+    volume; ``mode`` defaults to ``ModificationModeSet``."""
+    import slicer
+    L = slicer.vtkSlicerSegmentEditorLogic
+    mode = L.ModificationModeSet if mode is None else mode
+    if not editor_logic.ResetModifierLabelmapToDefault():
+        raise BridgeError("the segment editor has no reference geometry (set its source volume)")
+    modifier = editor_logic.GetModifierLabelmap()
+    labelmap = mask_labelmap(mask, volume_node, segmentation_node)
+    resampled = resample_to(labelmap, modifier)
+    modifier.DeepCopy(resampled)
+    editor_logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier, mode, True, False)
+
+
+def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """Bool (z, y, x) mask of a segment on ``volume_node``'s grid."""
+    import slicer
+    seg = segmentation_node.GetSegmentation()
+    segment = seg.GetSegment(segment_id)
+    if segment is None:
+        raise BridgeError(f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r}")
+    dims = volume_node.GetImageData().GetDimensions()
+    shape = (dims[2], dims[1], dims[0])
+    source = slicer.vtkOrientedImageData()
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, source, False)
+    ext = source.GetExtent()
+    if not ok or ext[0] > ext[1] or ext[2] > ext[3] or ext[4] > ext[5] or source.GetPointData().GetScalars() is None:
+        return np.zeros(shape, bool)
+    reference = _oriented_image(np.zeros(shape, np.uint8), _volume_to_segmentation_matrix(volume_node, segmentation_node))
+    out = resample_to(source, reference)
+    arr = _oriented_array(out)
+    if arr.shape != shape:  # resample keeps the reference extent; guard anyway
+        raise BridgeError(f"resampled segment has shape {arr.shape}, expected {shape}")
+    # the representation is the segment's whole layer, shared with other segments: keep
+    # only this segment's label value
+    return arr == segment.GetLabelValue()
+
+
+def segment_ids(segmentation_node) -> List[str]:
+    seg = segmentation_node.GetSegmentation()
+    return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+
+
+def snapshot(segmentation_node):
+    """A deep copy of the segments (voxels, names, colours, tags), for :func:`restore`."""
+    import slicer
+    copy = slicer.vtkSegmentation()
+    copy.DeepCopy(segmentation_node.GetSegmentation())
+    return copy
+
+
+def restore(segmentation_node, saved) -> None:
+    segmentation_node.GetSegmentation().DeepCopy(saved)
+    segmentation_node.Modified()
+
+
+def labels_from_segmentation(segmentation_node, volume_node, classes: Sequence[Mapping[str, Any]],
+                             model: Optional[str] = None, multi_label: bool = False) -> np.ndarray:
+    """Label array (z, y, x) on the volume's grid for training: each card class's value
+    where its segment is (found by class tag or name; with one class and one segment,
+    that segment). Raises :class:`BridgeError` naming the segments when a class has
+    none. With ``multi_label``, returns (C, z, y, x) bool masks instead."""
+    ids = segment_ids(segmentation_node)
+    chosen = {}
+    for cls in classes:
+        sid = find_class_segment(segmentation_node, cls, model)
+        if sid is None and len(classes) == 1 and len(ids) == 1:
+            sid = ids[0]
+        if sid is None:
+            names = [segmentation_node.GetSegmentation().GetSegment(i).GetName() for i in ids]
+            raise BridgeError(f"segmentation {segmentation_node.GetName()!r} has no segment for class "
+                              f"{cls['name']!r}; its segments are {names}. Rename a segment to {cls['name']!r}.")
+        chosen[int(cls["value"])] = sid
+    masks = {v: segment_mask(segmentation_node, sid, volume_node) for v, sid in chosen.items()}
+    if multi_label:
+        return np.stack([masks[int(c["value"])] for c in classes])
+    shape = next(iter(masks.values())).shape
+    labels = np.zeros(shape, np.uint8)
+    for v in sorted(masks):  # later classes win where a user drew overlapping segments
+        labels[masks[v]] = v
+    return labels
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_volume(scene, path, name: Optional[str] = None, labelmap: bool = False):
+    """Read an image file (NIfTI, NRRD, MHA, PNG …) into a new volume node through
+    Slicer's own archetype reader (same geometry as in the application). Files that
+    reader cannot open — 2D photographs with slicer-core alone, whose ITK has no PNG/JPEG
+    reader registered — are read with SimpleITK instead (RGB becomes a vector volume)."""
+    import slicer
+    path = Path(path)
+    if not path.is_file():
+        raise BridgeError(f"no such file: {path}")
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
+                                   name or _stem(path))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    if storage.ReadData(node):
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        node.CreateDefaultDisplayNodes()
+        return node
+    scene.RemoveNode(node)
+    scene.RemoveNode(storage)
+    import SimpleITK as sitk
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise BridgeError(f"{path}: Slicer could not read this image file") from None
+    if image.GetDimension() not in (2, 3):
+        raise BridgeError(f"{path}: a {image.GetDimension()}D image; volumes are 2D or 3D")
+    return sitk_to_volume(image, scene, name or _stem(path),
+                          "vtkMRMLLabelMapVolumeNode" if labelmap else None)
+
+
+def load_segmentation(scene, path, name: Optional[str] = None):
+    """Read a ``.seg.nrrd`` (or labelmap file) into a new segmentation node."""
+    import slicer
+    ensure_segmentation_converters()
+    path = Path(path)
+    if not path.is_file():
+        raise BridgeError(f"no such file: {path}")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or _stem(path))
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise BridgeError(f"{path}: Slicer could not read this segmentation file")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def save_segmentation(segmentation_node, path) -> Path:
+    """Write a segmentation to ``.seg.nrrd`` atomically (temporary file, then rename), so
+    an interrupted save never destroys an existing file."""
+    import slicer
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".seg.nrrd", dir=str(path.parent))
+    os.close(fd)
+    try:
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(tmp)
+        if not storage.WriteData(segmentation_node):
+            raise BridgeError(f"{path}: Slicer could not write the segmentation")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def class_segments(segmentation_node, classes: Iterable[Mapping[str, Any]], model: Optional[str] = None,
+                   create: bool = True) -> Dict[int, str]:
+    """{class value: segment ID}, reusing segments of an earlier run (tag or name) and
+    adding the missing ones when ``create``."""
+    out = {}
+    for cls in classes:
+        sid = find_class_segment(segmentation_node, cls, model)
+        if sid is None and create:
+            sid = add_class_segment(segmentation_node, cls, model)
+        if sid is not None:
+            out[int(cls["value"])] = sid
+    return out

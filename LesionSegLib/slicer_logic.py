@@ -1,0 +1,752 @@
+"""LesionSegLogic: what the Slicer module, its Segment Editor effects and the Python
+console use to segment, batch-process, train and manage weights.
+
+Qt-free: it needs MRML (the Slicer application, or the ``slicer-core`` wheel in plain
+Python) only for the functions that take or make nodes, and imports ``slicer``, torch
+and the inference code inside the functions, so importing it at Slicer startup costs
+nothing. ``LesionSeg/LesionSeg.py`` exposes it as ``LesionSegLogic`` the Slicer way.
+
+Console::
+
+    logic = slicer.util.getModuleLogic("LesionSeg")          # or LesionSegLib.slicer_logic.LesionSegLogic()
+    seg = logic.segment(volumeNode, model="msenet", preset="isles-dwi")
+    summary = logic.segmentFiles(["/data/cases"], "/data/out", model="m2snet", preset="covid-ct")
+
+Work is split so that the GUI can keep MRML on the main thread: :meth:`inputImage`
+(main thread: copies the voxels out of the node), :meth:`predict` (any thread: no MRML)
+and :meth:`writePrediction` (main thread). :meth:`segment` runs the three in a row.
+Nothing is written into a segmentation until the prediction is complete, so a cancelled
+or failing run leaves it exactly as it was; a write that fails half-way is rolled back.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from . import mrml_bridge as bridge
+from . import weights as _weights
+
+logger = logging.getLogger("LesionSeg")
+
+#: the five published networks, one Segment Editor effect each
+EFFECT_MODELS = ("msenet", "m2snet", "lseg", "bsnet", "mslkseg")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
+                  ".bmp")
+OUTPUT_FORMATS = ("seg.nrrd", "nii.gz", "nrrd")
+SUMMARY_NAME = "lesionseg-summary.json"
+LESIONS_NAME = "lesionseg-lesions.csv"
+Progress = Optional[Callable[[float, str], None]]
+
+
+class LesionSegError(ValueError):
+    """Bad input to the logic, with the reason (shown to the user as it is)."""
+
+
+@dataclass
+class BatchSummary:
+    """Result of :meth:`LesionSegLogic.segmentFiles`."""
+    succeeded: List[Dict[str, Any]] = field(default_factory=list)   # input, output, lesions, voxels, seconds
+    failed: List[Dict[str, Any]] = field(default_factory=list)      # input, error
+    cancelled: List[str] = field(default_factory=list)              # inputs not processed
+    summary_file: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.cancelled
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.succeeded)} succeeded, {len(self.failed)} failed, {len(self.cancelled)} cancelled"]
+        lines += [f"  FAILED {f['input']}: {f['error']}" for f in self.failed]
+        if self.summary_file:
+            lines.append(f"  summary: {self.summary_file}")
+        return "\n".join(lines)
+
+
+def _call(progress: Progress, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(max(0.0, min(1.0, float(fraction))), message)
+
+
+def _scaled(progress: Progress, start: float, stop: float, prefix: str = "") -> Progress:
+    if progress is None:
+        return None
+    return lambda f, m: progress(start + (stop - start) * max(0.0, min(1.0, f)), f"{prefix}{m}")
+
+
+def _is_cancelled(exc: BaseException) -> bool:
+    try:
+        from .inference import Cancelled
+    except ImportError:  # pragma: no cover - inference always ships with the logic
+        return False
+    return isinstance(exc, Cancelled)
+
+
+def image_files(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]) -> List[Path]:
+    """Image files named by ``paths``: files as given, folders expanded (sorted, not
+    recursive). Segmentation files (``.seg.nrrd``) and LesionSeg outputs are skipped in
+    folders."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: List[Path] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            for child in sorted(p.iterdir()):
+                name = child.name.lower()
+                if (child.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.endswith(".seg.nrrd")
+                        and "_lesionseg" not in name):
+                    out.append(child)
+        else:
+            out.append(p)
+    return out
+
+
+class LesionSegLogic:
+    """Segment volumes with the LesionSeg networks, in batches, train them, manage weights.
+
+    ``scene``: the MRML scene for nodes the logic creates when no input node tells it
+    (default: the input node's scene; ``slicer.mrmlScene`` in Slicer).
+    ``log``: callable(str) for messages (default: the ``LesionSeg`` logger).
+    """
+
+    def __init__(self, scene=None, log: Optional[Callable[[str], None]] = None):
+        self.scene = scene
+        self.log = log or logger.info
+        self._predictor = None
+        self._predictor_key = None
+        self._lock = threading.Lock()
+        self.lastPrediction = None
+        self.lastProbabilityVolumes: List[Any] = []
+
+    # ------------------------------------------------------------------ models
+
+    @staticmethod
+    def models(all: bool = False) -> List[str]:
+        """Registry names: the five published networks (``all``: with the baselines)."""
+        from . import models
+        return models.list_models() if all else list(EFFECT_MODELS)
+
+    @staticmethod
+    def presets(model: str) -> List[str]:
+        from . import models
+        return list(models.card(model).get("presets", {}))
+
+    @staticmethod
+    def modelCard(model: str, preset: Optional[str] = None) -> Dict[str, Any]:
+        """The model card with the task preset's input, classes and outputs merged in."""
+        from . import models
+        card = models.card(model)
+        p = models.preset(model, preset)
+        card["input"], card["classes"], card["outputs"] = p["input"], p["classes"], p["outputs"]
+        card["preset"] = p
+        return card
+
+    @classmethod
+    def modelCardText(cls, model: str, preset: Optional[str] = None) -> str:
+        """The card as HTML for the module panel: what the network is, what it segments,
+        what input it expects, what was reconstructed, and where it came from."""
+        import html
+        c = cls.modelCard(model, preset)
+        p = c["preset"]
+        e = html.escape
+        paper = c.get("paper", {})
+        rows = [f"<h3>{e(c['display_name'])} — {e(p['name'])}</h3>", f"<p><i>{e(c.get('title', ''))}</i></p>"]
+        if paper:
+            cite = ", ".join(str(x) for x in (paper.get("authors"), paper.get("venue"), paper.get("year")) if x)
+            if paper.get("doi"):
+                cite += f", doi:{paper['doi']}"
+            rows.append(f"<p>{e(cite)}</p>")
+        rows.append(f"<p>{e(c.get('summary', ''))}</p>")
+        rows.append(f"<p><b>Task:</b> {e(p.get('description', ''))}<br><b>Modality:</b> {e(str(p.get('modality', '')))}</p>")
+        inp = c["input"]
+        rows.append(f"<p><b>Input:</b> {inp.get('dims', 2)}D slices, {inp['channels']} channel(s), "
+                    f"{e(str(inp.get('normalization', {}).get('kind', '')))} normalisation"
+                    + (f", window C {inp['window']['center']} / W {inp['window']['width']}" if inp.get("window") else "")
+                    + "</p>")
+        classes = ", ".join(f"<span style='color:rgb({','.join(str(v) for v in k.get('color', [0, 0, 0]))})'>&#9632;</span> "
+                            f"{e(k['name'])}" for k in c["classes"])
+        out = c["outputs"]
+        rows.append(f"<p><b>Segments:</b> {classes} ({e(out['activation'])}, threshold {out.get('threshold', 0.5)}"
+                    + (", classes may overlap" if out.get("multi_label") else "") + ")</p>")
+        rec = c.get("reconstructed") or []
+        if rec:
+            rows.append("<p><b>Reconstructed (not from official code):</b></p><ul>"
+                        + "".join(f"<li>{e(r.get('part', ''))}: {e(r.get('reason', ''))}</li>" for r in rec) + "</ul>")
+        pre = c.get("pretrained", {})
+        if pre.get("official_checkpoint"):
+            rows.append(f"<p><b>Official weights:</b> {e(pre['official_checkpoint'])}</p>")
+        return "\n".join(rows)
+
+    # ------------------------------------------------------------------ weights
+
+    @staticmethod
+    def weightsCacheDir() -> Path:
+        """The weights cache (environment variable ``LESIONSEG_CACHE`` moves it)."""
+        return _weights.cache_dir()
+
+    @staticmethod
+    def installedWeights(model: Optional[str] = None) -> List[_weights.InstalledWeights]:
+        return _weights.list_installed(model)
+
+    @staticmethod
+    def importCheckpoint(path, name: Optional[str] = None, model: Optional[str] = None,
+                         preset: Optional[str] = None) -> _weights.InstalledWeights:
+        """Install a weight file the user has (offline use); the original is not touched."""
+        return _weights.import_checkpoint(path, name=name, model=model, preset=preset)
+
+    @staticmethod
+    def downloadWeights(url: str, sha256: str, name: Optional[str] = None, model: Optional[str] = None,
+                        preset: Optional[str] = None, progress: Progress = None, cancel=None) -> _weights.InstalledWeights:
+        """Download weights into the cache; refused unless the SHA-256 matches."""
+        return _weights.download(url, sha256, name=name, model=model, preset=preset, progress=progress, cancel=cancel)
+
+    @staticmethod
+    def removeWeights(entry_id: str) -> int:
+        return _weights.remove(entry_id)
+
+    @staticmethod
+    def clearWeightsCache() -> int:
+        """Delete all installed weights; returns the bytes freed."""
+        return _weights.clear_cache()
+
+    @staticmethod
+    def resolveCheckpoint(model: str, checkpoint=None, preset: Optional[str] = None) -> Optional[str]:
+        """The weight file to use: ``checkpoint`` (a path, or an installed entry's id), else
+        the newest installed weights of ``model`` for ``preset``; None when there are none."""
+        if checkpoint:
+            p = Path(str(checkpoint)).expanduser()
+            if p.is_file():
+                return str(p)
+            try:
+                return _weights.get(str(checkpoint)).path
+            except _weights.WeightsError:
+                raise LesionSegError(f"checkpoint {checkpoint!r} is neither a file nor installed weights") from None
+        entry = _weights.find(model, preset)
+        return entry.path if entry else None
+
+    # ------------------------------------------------------------------ inference
+
+    def predictor(self, model: str = "msenet", checkpoint=None, preset: Optional[str] = None, device: str = "auto",
+                  tta: bool = False, allowRandomWeights: bool = False):
+        """A (cached) :class:`LesionSegLib.inference.Predictor`. Without weights it
+        refuses, unless ``allowRandomWeights`` (tests, demonstrations)."""
+        from .inference import Predictor
+        path = self.resolveCheckpoint(model, checkpoint, preset)
+        if path is None and not allowRandomWeights:
+            from . import models
+            name = models.card(model)["display_name"]
+            raise LesionSegError(
+                f"no weights installed for {name}"
+                + (f" ({preset})" if preset else "")
+                + ": import a checkpoint file or download weights in the LesionSeg module (Weights section), "
+                  "or train the network on your own cases")
+        stamp = os.stat(path).st_mtime_ns if path else None
+        key = (model, path, stamp, preset, device, bool(tta))
+        with self._lock:
+            if self._predictor_key != key:
+                self._predictor = None   # free the old network before building the new one
+                self._predictor = Predictor(path if path else model, preset=preset, device=device, tta=bool(tta))
+                self._predictor_key = key
+            return self._predictor
+
+    @staticmethod
+    def inputImage(volumeNode):
+        """SimpleITK image of a volume node (main thread; a copy, safe to use on a worker)."""
+        if volumeNode is None:
+            raise LesionSegError("no input volume selected")
+        return bridge.volume_to_sitk(volumeNode)
+
+    def predict(self, image, model: str = "msenet", checkpoint=None, preset: Optional[str] = None,
+                device: str = "auto", threshold: Optional[float] = None, tta: bool = False,
+                probabilities: bool = False, minLesionSizeMm3: float = 0.0, progress: Progress = None,
+                cancel=None, allowRandomWeights: bool = False):
+        """Run a network on a SimpleITK image (any thread; touches no MRML node).
+        Single-slice images (photographs, 2D slices) go through ``predict_image`` (then
+        ``minLesionSizeMm3`` is an area in mm²), volumes through ``predict_volume``; the
+        result is on the image's own grid."""
+        import numpy as np
+        import SimpleITK as sitk
+        _call(progress, 0.0, "loading network")
+        pred = self.predictor(model, checkpoint, preset, device, tta, allowRandomWeights)
+        _call(progress, 0.05, f"running {model} on {pred.device}")
+        sub = _scaled(progress, 0.05, 1.0)
+        if image.GetDimension() == 3 and image.GetSize()[2] == 1 or image.GetDimension() == 2:
+            arr = sitk.GetArrayFromImage(image)
+            arr = arr[0] if image.GetDimension() == 3 else arr
+            # lesion areas in mm² from the image's pixel spacing; the size limit is then an area
+            result = pred.predict_image(arr, threshold=threshold, return_probabilities=probabilities,
+                                        spacing=tuple(image.GetSpacing())[:2],
+                                        min_lesion_size_mm2=minLesionSizeMm3, progress=sub, cancel=cancel)
+            # back to the (z, y, x) layout of a one-slice volume
+            result.masks = {v: np.asarray(m)[None] for v, m in result.masks.items()}
+            labels = np.asarray(result.labels)[None]
+            lab = sitk.GetImageFromArray(labels)
+            if image.GetDimension() == 3:
+                lab.CopyInformation(sitk.Image(image.GetSize(), sitk.sitkUInt8))
+                lab.SetSpacing(image.GetSpacing())
+                lab.SetOrigin(image.GetOrigin())
+                lab.SetDirection(image.GetDirection())
+            result.labels = lab
+            if result.probabilities is not None:
+                result.probabilities = np.asarray(result.probabilities)[:, None]
+        else:
+            result = pred.predict_volume(image, threshold=threshold, min_lesion_size_mm3=minLesionSizeMm3,
+                                         return_probabilities=probabilities, progress=sub, cancel=cancel)
+        _call(progress, 1.0, "done")
+        return result
+
+    # ------------------------------------------------------------------ writing
+
+    def writePrediction(self, prediction, volumeNode, segmentationNode=None, model: Optional[str] = None,
+                        classes: Optional[Sequence[Union[int, str]]] = None,
+                        segmentIds: Optional[Mapping[Union[int, str], str]] = None, editorLogic=None,
+                        probabilityVolume: bool = False, provenance: Optional[Mapping[str, Any]] = None,
+                        writer: Optional[Callable[[Any, str, Any, Any], None]] = None):
+        """Write a prediction into a segmentation node (main thread). Returns the node.
+
+        One segment per class (``classes``: the values or names to write, default all),
+        named, coloured and terminology-coded from the card; a segment made by an
+        earlier run of the same model, or with the class's name, is reused and replaced.
+        ``segmentIds`` {class value or name: segment ID} writes a class into a chosen
+        segment (e.g. the Segment Editor's selected segment), which keeps its name.
+        With ``editorLogic`` (a ``vtkSlicerSegmentEditorLogic`` set up on this
+        segmentation and volume) writing goes through the modifier labelmap, so the
+        editor's masking settings apply; without it, voxels are replaced as predicted.
+        ``writer(segmentationNode, segmentId, mask, volumeNode)`` replaces both (the Segment
+        Editor effects pass one that goes through their modifier labelmap).
+        A failure while writing restores the segmentation as it was."""
+        import numpy as np
+        scene = volumeNode.GetScene() or self._scene()
+        all_classes = list(prediction.classes)
+        chosen = self._select_classes(all_classes, classes)
+        targets = {}
+        for key, sid in (segmentIds or {}).items():
+            cls = self._select_classes(all_classes, [key])[0]
+            targets[int(cls["value"])] = sid
+        # validate everything before the first voxel is written
+        dims = volumeNode.GetImageData().GetDimensions()
+        shape = (dims[2], dims[1], dims[0])
+        masks = {}
+        for cls in chosen:
+            v = int(cls["value"])
+            if v not in prediction.masks:
+                raise LesionSegError(f"the prediction has no mask for class {cls['name']!r}")
+            m = np.asarray(prediction.masks[v]).astype(bool)
+            if m.shape != shape:
+                raise LesionSegError(f"mask of {cls['name']!r} has shape {m.shape}, volume "
+                                     f"{volumeNode.GetName()!r} is {shape}")
+            masks[v] = m
+        for sid in targets.values():
+            if segmentationNode is None or segmentationNode.GetSegmentation().GetSegment(sid) is None:
+                where = repr(segmentationNode.GetName()) if segmentationNode is not None else "(none given)"
+                raise LesionSegError(f"segmentation {where} has no segment {sid!r}")
+        created = segmentationNode is None
+        if created:
+            segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                       f"{volumeNode.GetName()} {model or 'LesionSeg'}")
+        saved = bridge.snapshot(segmentationNode)
+        try:
+            bridge.prepare_segmentation(segmentationNode, volumeNode)
+            for cls in chosen:
+                v = int(cls["value"])
+                sid = targets.get(v)
+                if sid is None:
+                    sid = bridge.find_class_segment(segmentationNode, cls, model)
+                    if sid is None:
+                        sid = bridge.add_class_segment(segmentationNode, cls, model)
+                    else:
+                        bridge.describe_segment(segmentationNode, sid, cls, model)
+                elif model:
+                    # a user-chosen segment keeps its name and colour; record what filled it
+                    segmentationNode.GetSegmentation().GetSegment(sid).SetTag(
+                        bridge.CLASS_TAG, bridge.class_tag(model, v))
+                if writer is not None:
+                    writer(segmentationNode, sid, masks[v], volumeNode)
+                elif editorLogic is not None:
+                    bridge.modify_segment_with_editor(editorLogic, segmentationNode, sid, masks[v], volumeNode)
+                else:
+                    bridge.set_segment_mask(segmentationNode, sid, masks[v], volumeNode)
+            for key, value in (provenance or {}).items():
+                segmentationNode.SetAttribute(f"LesionSeg.{key}", str(value))
+        except BaseException:
+            if created:
+                scene.RemoveNode(segmentationNode)
+            else:
+                bridge.restore(segmentationNode, saved)
+            raise
+        self.lastProbabilityVolumes = []
+        if probabilityVolume:
+            if prediction.probabilities is None:
+                raise LesionSegError("probability maps were not computed (predict with probabilities=True)")
+            self.lastProbabilityVolumes = self._probability_volumes(prediction, volumeNode, chosen, all_classes)
+        return segmentationNode
+
+    def _probability_volumes(self, prediction, volumeNode, chosen, all_classes) -> List[Any]:
+        import numpy as np
+        scene = volumeNode.GetScene() or self._scene()
+        probs = np.asarray(prediction.probabilities, dtype=np.float32)
+        index = {int(c["value"]): i for i, c in enumerate(all_classes)}
+        out = []
+        for cls in chosen:
+            name = f"{volumeNode.GetName()} {cls['name']} probability"
+            node = scene.GetFirstNodeByName(name)
+            if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+            bridge.update_volume_from_array(node, probs[index[int(cls["value"])]], bridge.ijk_to_ras(volumeNode))
+            if volumeNode.GetParentTransformNode() is not None:
+                node.SetAndObserveTransformNodeID(volumeNode.GetParentTransformNode().GetID())
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+            out.append(node)
+        return out
+
+    @staticmethod
+    def _select_classes(all_classes, wanted) -> List[Dict[str, Any]]:
+        if wanted is None:
+            return list(all_classes)
+        out = []
+        for w in wanted:
+            hits = [c for c in all_classes if (isinstance(w, int) and int(c["value"]) == w)
+                    or (isinstance(w, str) and w.strip().lower() in (c["name"].lower(), str(c["value"])))]
+            if not hits:
+                raise LesionSegError(f"unknown class {w!r}; the network's classes are "
+                                     f"{[c['name'] for c in all_classes]}")
+            out.extend(h for h in hits if h not in out)
+        return out
+
+    def _scene(self):
+        if self.scene is not None:
+            return self.scene
+        import slicer
+        scene = getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise LesionSegError("no MRML scene: pass scene= to LesionSegLogic")
+        return scene
+
+    def segment(self, volumeNode, segmentationNode=None, model: str = "msenet", checkpoint=None,
+                preset: Optional[str] = None, device: str = "auto", threshold: Optional[float] = None,
+                tta: bool = False, probabilityVolume: bool = False, classes=None, segmentIds=None,
+                editorLogic=None, minLesionSizeMm3: float = 0.0, progress: Progress = None, cancel=None,
+                allowRandomWeights: bool = False):
+        """Segment ``volumeNode`` with ``model`` and return the segmentation node (a new one
+        when ``segmentationNode`` is None), one segment per output class, on the volume's
+        geometry. ``checkpoint``: a weight file or installed entry id (default: newest
+        installed for the model and preset). ``threshold`` overrides the card's.
+        ``probabilityVolume`` also adds one probability volume per class
+        (:attr:`lastProbabilityVolumes`). ``progress(fraction, message)``;
+        ``cancel``: an ``inference.CancelToken``. A cancelled or failing run raises and
+        leaves ``segmentationNode`` unchanged (and creates no node)."""
+        image = self.inputImage(volumeNode)
+        prediction = self.predict(image, model=model, checkpoint=checkpoint, preset=preset, device=device,
+                                  threshold=threshold, tta=tta, probabilities=probabilityVolume,
+                                  minLesionSizeMm3=minLesionSizeMm3, progress=_scaled(progress, 0.0, 0.95),
+                                  cancel=cancel, allowRandomWeights=allowRandomWeights)
+        self.lastPrediction = prediction
+        _call(progress, 0.96, "writing segments")
+        if editorLogic is not None:
+            editorLogic.SaveStateForUndo()
+        ckpt = self.resolveCheckpoint(model, checkpoint, preset)
+        node = self.writePrediction(
+            prediction, volumeNode, segmentationNode, model=model, classes=classes, segmentIds=segmentIds,
+            editorLogic=editorLogic, probabilityVolume=probabilityVolume,
+            provenance={"model": model, "preset": preset or "", "checkpoint": ckpt or "random weights",
+                        "threshold": "card" if threshold is None else threshold})
+        _call(progress, 1.0, "done")
+        return node
+
+    # ------------------------------------------------------------------ batch
+
+    def segmentFiles(self, paths, outputDir, model: str = "msenet", checkpoint=None, preset: Optional[str] = None,
+                     device: str = "auto", threshold: Optional[float] = None, tta: bool = False,
+                     outputFormat: str = "seg.nrrd", overwrite: bool = False, minLesionSizeMm3: float = 0.0,
+                     progress: Progress = None, cancel=None, allowRandomWeights: bool = False) -> BatchSummary:
+        """Segment many image files (files and/or folders) into ``outputDir``.
+
+        Each case gets ``<name>.seg.nrrd`` (segments named and coded as in Slicer; written
+        through MRML when Slicer or slicer-core is there, else by
+        :mod:`LesionSegLib.segnrrd`) or a labelmap ``<name>_lesionseg.nii.gz`` / ``.nrrd``. A failing case is recorded and the batch goes on; inputs are
+        never overwritten, existing outputs only with ``overwrite``. Writes
+        ``lesionseg-summary.json`` and ``lesionseg-lesions.csv`` into ``outputDir``."""
+        import SimpleITK as sitk
+        if outputFormat not in OUTPUT_FORMATS:
+            raise LesionSegError(f"unknown output format {outputFormat!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+        files = image_files(paths)
+        if not files:
+            raise LesionSegError(f"no image files in {paths!r}")
+        out_dir = Path(outputDir).expanduser()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        inputs = {f.resolve() for f in files if f.exists()}
+        summary = BatchSummary()
+        lesion_rows = []
+        scene = None
+        if outputFormat == "seg.nrrd":
+            try:
+                scene = bridge.new_scene()
+            except ImportError:
+                scene = None   # no MRML here: LesionSegLib.segnrrd writes the same file format
+        n = len(files)
+        for i, path in enumerate(files):
+            if cancel is not None and getattr(cancel, "cancelled", False):
+                summary.cancelled.extend(str(f) for f in files[i:])
+                break
+            sub = _scaled(progress, i / n, (i + 1) / n, f"[{i + 1}/{n}] {path.name}: ")
+            start = time.perf_counter()
+            try:
+                out_path = self._output_path(path, out_dir, outputFormat)
+                if out_path.resolve() in inputs:
+                    raise LesionSegError(f"the output {out_path} would overwrite an input file")
+                if out_path.exists() and not overwrite:
+                    raise LesionSegError(f"{out_path} exists (pass overwrite=True to replace it)")
+                if not path.is_file():
+                    raise LesionSegError(f"no such file: {path}")
+                try:
+                    image = sitk.ReadImage(str(path))
+                except RuntimeError as e:
+                    raise LesionSegError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from e
+                if image.GetDimension() == 2:
+                    image = sitk.JoinSeries(image)
+                pred = self.predict(image, model=model, checkpoint=checkpoint, preset=preset, device=device,
+                                    threshold=threshold, tta=tta, minLesionSizeMm3=minLesionSizeMm3,
+                                    progress=sub, cancel=cancel, allowRandomWeights=allowRandomWeights)
+                if outputFormat == "seg.nrrd" and scene is not None:
+                    self._write_seg_nrrd(scene, image, pred, out_path, model, path)
+                elif outputFormat == "seg.nrrd":
+                    from .segnrrd import write_seg_nrrd
+                    write_seg_nrrd(out_path, pred.masks, image, pred.classes, model=model)
+                else:
+                    self._write_labelmap(image, pred, out_path)
+                voxels = {c["name"]: int(pred.masks[int(c["value"])].sum()) for c in pred.classes
+                          if int(c["value"]) in pred.masks}
+                lesions = list(getattr(pred, "lesions", []) or [])
+                for row in lesions:
+                    lesion_rows.append({"input": str(path), **{k: (json.dumps(v) if isinstance(v, (list, tuple)) else v)
+                                                               for k, v in row.items()}})
+                summary.succeeded.append({"input": str(path), "output": str(out_path), "voxels": voxels,
+                                          "lesions": len(lesions), "seconds": round(time.perf_counter() - start, 2)})
+            except Exception as e:   # one bad case must not stop the batch
+                if _is_cancelled(e):
+                    summary.cancelled.extend(str(f) for f in files[i:])
+                    break
+                summary.failed.append({"input": str(path), "error": str(e) or type(e).__name__})
+                self.log(f"LesionSeg batch: {path}: {e}")
+        summary.summary_file = str(self._write_summary(out_dir, summary, lesion_rows, model, preset, checkpoint))
+        _call(progress, 1.0, str(summary).splitlines()[0])
+        return summary
+
+    @staticmethod
+    def _output_path(path: Path, out_dir: Path, fmt: str) -> Path:
+        stem = bridge._stem(path)
+        return out_dir / (f"{stem}.seg.nrrd" if fmt == "seg.nrrd" else f"{stem}_lesionseg.{fmt}")
+
+    def _write_seg_nrrd(self, scene, image, pred, out_path: Path, model: str, src: Path) -> None:
+        volume = bridge.sitk_to_volume(image if image.GetNumberOfComponentsPerPixel() == 1
+                                       else _first_component(image), scene, bridge._stem(src))
+        seg = None
+        try:
+            seg = self.writePrediction(pred, volume, None, model=model, provenance={"model": model, "source": src})
+            bridge.save_segmentation(seg, out_path)
+        finally:
+            if seg is not None:
+                scene.RemoveNode(seg)
+            scene.RemoveNode(volume)
+
+    @staticmethod
+    def _write_labelmap(image, pred, out_path: Path) -> None:
+        import SimpleITK as sitk
+        labels = pred.labels
+        if not isinstance(labels, sitk.Image):
+            labels = sitk.GetImageFromArray(labels)
+            labels.CopyInformation(image)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix="".join(out_path.suffixes), dir=str(out_path.parent))
+        os.close(fd)
+        try:
+            sitk.WriteImage(labels, tmp, True)
+            os.replace(tmp, out_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @staticmethod
+    def _write_summary(out_dir: Path, summary: BatchSummary, rows, model, preset, checkpoint) -> Path:
+        data = {"model": model, "preset": preset, "checkpoint": str(checkpoint) if checkpoint else None,
+                "succeeded": summary.succeeded, "failed": summary.failed, "cancelled": summary.cancelled}
+        path = out_dir / SUMMARY_NAME
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(out_dir))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+        if rows:
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            fd, tmp = tempfile.mkstemp(prefix=f".{LESIONS_NAME}.", dir=str(out_dir))
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, out_dir / LESIONS_NAME)
+        return path
+
+    # ------------------------------------------------------------------ training
+
+    def trainingCases(self, pairs, model: str, preset: Optional[str] = None) -> List[Any]:
+        """Training data for :func:`LesionSegLib.training.train` from (volume, segmentation)
+        pairs: MRML node pairs become in-memory cases (image and label with the volume's
+        geometry; label values from the card's classes, matched to segments by name);
+        file pairs are passed as paths (a ``.seg.nrrd`` label file is converted through
+        MRML). Main thread (reads MRML)."""
+        from . import models
+        p = models.preset(model, preset)
+        classes = p["classes"]
+        multi = bool(p["outputs"].get("multi_label"))
+        cases = []
+        temp_scene = None
+        for k, pair in enumerate(pairs):
+            if len(pair) != 2:
+                raise LesionSegError(f"training pair {k} must be (volume, segmentation), got {len(pair)} items")
+            vol, seg = pair
+            if isinstance(vol, (str, os.PathLike)) and isinstance(seg, (str, os.PathLike)):
+                if not Path(vol).is_file():
+                    raise LesionSegError(f"training pair {k}: no such image file {vol}")
+                if not Path(seg).is_file():
+                    raise LesionSegError(f"training pair {k}: no such label file {seg}")
+                if str(seg).lower().endswith(".seg.nrrd"):
+                    temp_scene = temp_scene or bridge.new_scene()
+                    vnode = bridge.load_volume(temp_scene, vol)
+                    snode = bridge.load_segmentation(temp_scene, seg)
+                    cases.append(self._case_from_nodes(vnode, snode, classes, model, multi))
+                    temp_scene.Clear(0)
+                else:
+                    cases.append((str(vol), str(seg)))
+            elif hasattr(vol, "GetImageData") and hasattr(seg, "GetSegmentation"):
+                cases.append(self._case_from_nodes(vol, seg, classes, model, multi))
+            else:
+                raise LesionSegError(f"training pair {k}: expected (volume node, segmentation node) or "
+                                     f"(image path, label path), got ({type(vol).__name__}, {type(seg).__name__})")
+        return cases
+
+    @staticmethod
+    def _case_from_nodes(volume, segmentation, classes, model, multi):
+        """An in-memory training case as the trainer takes it: SimpleITK image and label
+        with the volume's full geometry, so that the trainer orients it exactly as it
+        orients files (axial slices, LPS) and as the predictor will."""
+        import SimpleITK as sitk
+        image = bridge.volume_to_sitk(volume)
+        labels = bridge.labels_from_segmentation(segmentation, volume, classes, model=model, multi_label=False)
+        label = sitk.GetImageFromArray(labels)
+        label.CopyInformation(image)
+        return {"image": image, "label": label, "case": volume.GetName() or "case"}
+
+    def train(self, pairs, outputDir, model: str = "msenet", preset: Optional[str] = None,
+              epochs: Optional[int] = None, device: str = "auto", recipeOverrides: Optional[Dict[str, Any]] = None,
+              resume: bool = False, seed: int = 0, pretrained=None, install: bool = True,
+              progress: Progress = None, cancel=None):
+        """Train ``model`` on (volume, segmentation) pairs — scene nodes or files — into
+        ``outputDir`` with the trainer (:func:`LesionSegLib.training.train`). The best
+        checkpoint is installed into the weights cache (``install``), so the effects
+        can use it at once. Returns the trainer's ``TrainResult``.
+        (The module panel calls :meth:`trainingCases` on the main thread and
+        :meth:`trainCases` on a worker.)"""
+        if not pairs:
+            raise LesionSegError("no training pairs: select at least one volume with its segmentation")
+        _call(progress, 0.0, "preparing training data")
+        cases = self.trainingCases(pairs, model, preset)
+        return self.trainCases(cases, outputDir, model=model, preset=preset, epochs=epochs, device=device,
+                               recipeOverrides=recipeOverrides, resume=resume, seed=seed, pretrained=pretrained,
+                               install=install, progress=progress, cancel=cancel)
+
+    def trainCases(self, cases, outputDir, model: str = "msenet", preset: Optional[str] = None,
+                   epochs: Optional[int] = None, device: str = "auto",
+                   recipeOverrides: Optional[Dict[str, Any]] = None, resume: bool = False, seed: int = 0,
+                   pretrained=None, install: bool = True, progress: Progress = None, cancel=None):
+        """Train on cases made by :meth:`trainingCases` (touches no MRML node: any thread)."""
+        from .training import train as run_training
+        if not cases:
+            raise LesionSegError("no training cases")
+        overrides = dict(recipeOverrides or {})
+        if epochs is not None:
+            overrides["epochs"] = int(epochs)
+        report = _scaled(progress, 0.02, 0.98)
+
+        def on_step(epoch, step, steps_per_epoch, metrics):
+            # the trainer reports (epoch, step, steps per epoch, metrics); the GUI wants a fraction
+            if report is None:
+                return
+            total = max(int(metrics.get("epochs", 1) or 1), 1)
+            frac = (epoch + min(step, steps_per_epoch) / max(steps_per_epoch, 1)) / total
+            loss = metrics.get("loss")
+            report(frac, f"epoch {epoch + 1}/{total}" + (f", loss {loss:.4f}" if isinstance(loss, float) else ""))
+
+        result = run_training(model, cases, str(outputDir), preset=preset, recipe_overrides=overrides or None,
+                              resume=resume, device=device, seed=seed, progress=on_step,
+                              cancel=cancel, pretrained=pretrained)
+        if install and getattr(result, "best_checkpoint", None):
+            # a name that says what it is: every run's best file is called best.pt
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            entry = _weights.import_checkpoint(result.best_checkpoint, name=f"{model}-{preset or 'default'}-{stamp}.pt",
+                                               model=model, preset=preset)
+            self.log(f"LesionSeg: installed trained weights {entry.id}")
+        _call(progress, 1.0, "training finished")
+        return result
+
+
+class BackgroundJob:
+    """Run a function on a worker thread and let a GUI poll it (Qt-free: the Slicer
+    widgets poll with a QTimer, tests simply wait).
+
+    The function is called as ``fn(*args, progress=…, cancel=…, **kwargs)``; the latest
+    progress report is kept in :attr:`fraction` / :attr:`message`. After :attr:`done`,
+    either :attr:`result` or :attr:`error` is set; :attr:`cancelled` tells whether it
+    ended because of :meth:`cancel`. The function must not touch MRML nodes (the GUI
+    thread owns them).
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args, **kwargs):
+        from .inference import CancelToken
+        self.token = CancelToken()
+        self.fraction, self.message = 0.0, "starting"
+        self.result = None
+        self.error: Optional[BaseException] = None
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._thread = threading.Thread(target=self._run, name="LesionSeg worker", daemon=True)
+        self._finished = threading.Event()
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self.fraction, self.message = float(fraction), str(message)
+
+    def _run(self) -> None:
+        try:
+            self.result = self._fn(*self._args, progress=self._progress, cancel=self.token, **self._kwargs)
+        except BaseException as e:   # handed over to the GUI thread, which reports it
+            self.error = e
+        finally:
+            self._finished.set()
+
+    def start(self) -> "BackgroundJob":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.error is not None and _is_cancelled(self.error)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self._finished.wait(timeout)
+
+
+def _first_component(image):
+    import SimpleITK as sitk
+    return sitk.VectorIndexSelectionCast(image, 0)

@@ -1,0 +1,155 @@
+"""Training-curve PNG: matplotlib when installed, else a small numpy raster written by a
+pure zlib PNG encoder, so that every run leaves a picture of its curves without a
+plotting dependency.
+
+The fallback draws two panels: losses (train: blue, validation: orange) on the left,
+validation Dice (green) and IoU (purple) on [0, 1] on the right, with grid lines at
+quarter steps and a 3×5 pixel font for the axis ranges.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+COLORS = {"train_loss": (31, 119, 180), "val_loss": (255, 127, 14), "val_dice": (44, 160, 44),
+          "val_iou": (148, 103, 189)}
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename into place with the permissions of a normally created file (mkstemp makes
+    0600 files, which other users, e.g. a web viewer, could not read)."""
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def write_png(path, rgb: np.ndarray) -> Path:
+    """Write an (H, W, 3) uint8 array as an 8-bit RGB PNG (zlib, filter 0), atomically."""
+    import os
+    import tempfile
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    with os.fdopen(fd, "wb") as f:
+        f.write(png)
+    _publish(tmp, path)
+    return path
+
+
+# 3x5 glyphs for numbers and a few letters (rows top to bottom, 3 bits each)
+_FONT = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+    "e": "000111101110111", "E": "111100111100111", "+": "000010111010000", " ": "000000000000000",
+}
+
+
+def _text(img: np.ndarray, x: int, y: int, s: str, color=(60, 60, 60), scale: int = 2) -> None:
+    for ch in s:
+        g = _FONT.get(ch, _FONT[" "])
+        for r in range(5):
+            for c in range(3):
+                if g[r * 3 + c] == "1":
+                    y0, x0 = y + r * scale, x + c * scale
+                    img[max(0, y0):y0 + scale, max(0, x0):x0 + scale] = color
+        x += 4 * scale
+
+
+def _line(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, color, width: int = 2) -> None:
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    xs = np.linspace(x0, x1, n).round().astype(int)
+    ys = np.linspace(y0, y1, n).round().astype(int)
+    h, w, _ = img.shape
+    for dx in range(-(width // 2), width - width // 2):
+        for dy in range(-(width // 2), width - width // 2):
+            xx, yy = np.clip(xs + dx, 0, w - 1), np.clip(ys + dy, 0, h - 1)
+            img[yy, xx] = color
+
+
+def _panel(img, box, series: Dict[str, List[Optional[float]]], lo: float, hi: float, n_epochs: int) -> None:
+    x0, y0, x1, y1 = box
+    img[y0:y1, x0:x1] = 255
+    for k in range(5):  # grid at quarter steps
+        y = int(y1 - (y1 - y0) * k / 4)
+        img[y, x0:x1] = (225, 225, 225)
+    img[y0:y1, x0] = img[y1 - 1, x0:x1] = (0, 0, 0)
+    _text(img, x0 + 4, y0 + 4, f"{hi:.3g}")
+    _text(img, x0 + 4, y1 - 16, f"{lo:.3g}")
+    _text(img, x1 - 40, y1 + 4, f"{n_epochs}")
+    span = (hi - lo) or 1.0
+    for name, values in series.items():
+        pts = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+        color = COLORS.get(name, (0, 0, 0))
+
+        def xy(i, v):
+            return (x0 + (x1 - x0 - 1) * (i / max(1, n_epochs - 1)), y1 - 1 - (y1 - y0 - 1) * (v - lo) / span)
+        for (ia, va), (ib, vb) in zip(pts, pts[1:]):
+            _line(img, *xy(ia, va), *xy(ib, vb), color)
+        if len(pts) == 1:
+            _line(img, *xy(*pts[0]), *xy(*pts[0]), color, width=5)
+
+
+def plot_curves(history: Sequence[Dict[str, float]], path) -> Path:
+    """Write the training curves of ``history`` (one dict per epoch) to ``path``."""
+    path = Path(path)
+    keys_loss = [k for k in ("train_loss", "val_loss") if any(h.get(k) is not None for h in history)]
+    keys_score = [k for k in ("val_dice", "val_iou") if any(h.get(k) is not None for h in history)]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # not installed (or no usable backend): numpy raster
+        plt = None
+    epochs = [h.get("epoch", i) + 1 for i, h in enumerate(history)]
+    if plt is not None:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        marker = "o" if len(history) == 1 else None
+        for ax, keys in ((a, keys_loss), (b, keys_score)):
+            for k in keys:
+                ax.plot(epochs, [h.get(k) for h in history], label=k, color=[c / 255 for c in COLORS[k]], marker=marker)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if keys:
+                ax.legend()
+            if len(history) == 1:
+                ax.set_xlim(0.5, 1.5)
+        a.set_ylabel("loss")
+        b.set_ylim(0, 1)
+        b.set_ylabel("validation Dice / IoU")
+        fig.tight_layout()
+        import os
+        import tempfile
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=str(path.parent))
+        os.close(fd)
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        _publish(tmp, path)
+        return path
+    h, w = 360, 900
+    img = np.full((h, w, 3), 245, np.uint8)
+    losses = [h_.get(k) for h_ in history for k in keys_loss if h_.get(k) is not None and math.isfinite(h_.get(k))]
+    lo, hi = (min(losses), max(losses)) if losses else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(len(history), 1)
+    _panel(img, (20, 20, 440, 320), {k: [h_.get(k) for h_ in history] for k in keys_loss}, lo, hi, n)
+    _panel(img, (470, 20, 880, 320), {k: [h_.get(k) for h_ in history] for k in keys_score}, 0.0, 1.0, n)
+    for i, k in enumerate(keys_loss + keys_score):  # legend swatches, in the documented colours
+        img[335:345, 20 + i * 60:50 + i * 60] = COLORS[k]
+    return write_png(path, img)

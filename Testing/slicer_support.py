@@ -1,0 +1,65 @@
+"""Helpers shared by the test_slicer_* files: a synthetic oblique volume with a known
+lesion, and a hand-set U-Net whose output is an intensity threshold (so that tests of
+the Slicer path know where the segments must be without training anything)."""
+from __future__ import annotations
+
+import numpy as np
+
+# Rz(30°)·Rx(-15°): an oblique direction with no axis aligned to the world axes
+_c30, _s30 = np.cos(np.radians(30)), np.sin(np.radians(30))
+_c15, _s15 = np.cos(np.radians(-15)), np.sin(np.radians(-15))
+OBLIQUE = (np.array([[_c30, -_s30, 0], [_s30, _c30, 0], [0, 0, 1]])
+           @ np.array([[1, 0, 0], [0, _c15, -_s15], [0, _s15, _c15]]))
+SPACING = (0.9, 1.1, 3.0)
+ORIGIN = (12.5, -30.25, 47.0)
+SIZE_XYZ = (64, 48, 10)
+BACKGROUND, LESION = 100.0, 400.0
+
+
+def lesion_volume(seed: int = 0, size_xyz=SIZE_XYZ):
+    """(SimpleITK image, lesion mask z,y,x): a smooth background with noise and one
+    bright ellipsoid placed off-centre, so that any flip or axis swap would show."""
+    import SimpleITK as sitk
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = size_xyz
+    z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    # ellipsoid in millimetres, so that it is round in space despite anisotropic voxels
+    cx, cy, cz = 0.68 * nx, 0.35 * ny, 0.55 * nz
+    r = ((x - cx) * SPACING[0] / 9.0) ** 2 + ((y - cy) * SPACING[1] / 7.0) ** 2 + ((z - cz) * SPACING[2] / 7.5) ** 2
+    lesion = r <= 1.0
+    vol = BACKGROUND + 15.0 * x / nx + rng.normal(0.0, 6.0, x.shape)
+    vol[lesion] = LESION + rng.normal(0.0, 6.0, int(lesion.sum()))
+    image = sitk.GetImageFromArray(vol.astype(np.float32))
+    image.SetSpacing(SPACING)
+    image.SetOrigin(ORIGIN)
+    image.SetDirection(tuple(OBLIQUE.reshape(-1)))
+    return image, lesion
+
+
+def threshold_unet(z_threshold: float = 2.5, gain: float = 8.0):
+    """A real registered U-Net (depth 2, width 4) whose weights make its logit
+    ``gain·(relu(x) − z_threshold)`` for a normalised input x: channel 0 of every
+    level passes the input through (centre tap 1, identity BatchNorm), the deeper path
+    contributes zero, and the head thresholds. Built with models.create, so it is saved,
+    loaded, fused and run exactly like a trained network."""
+    import torch
+    from LesionSegLib import models
+    net = models.create("unet", base_width=4, depth=2)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0 - m.eps)   # so that BN is exactly the identity
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        for level in (net.encoder[0], net.decoder[0].conv):
+            for block in level:
+                conv = next(c for c in block.modules() if isinstance(c, torch.nn.Conv2d))
+                conv.weight[0, 0, 1, 1] = 1.0
+        net.head.weight[0, 0, 0, 0] = gain
+        net.head.bias[0] = -gain * z_threshold
+    return net.eval()

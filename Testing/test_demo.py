@@ -1,0 +1,46 @@
+"""``lesionseg demo`` end to end on the shipped ISLES'22 DWI, as a real subprocess, with
+a hand-set threshold U-Net standing in for the demo weights."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+
+from LesionSegLib import checkpoint
+
+from conftest import ROOT
+from slicer_support import threshold_unet
+
+DATA = ROOT / "demo" / "data"
+
+
+def test_demo_writes_files_in_the_input_geometry_and_reports_dice(tmp_path):
+    demo = tmp_path / "demo"
+    (demo / "model").mkdir(parents=True)
+    (demo / "data").symlink_to(DATA, target_is_directory=True)
+    net = threshold_unet(z_threshold=2.0)
+    checkpoint.save(demo / "model" / "msenet-demo-isles-dwi.pt", net,
+                    config={"in_channels": 1, "num_classes": 1, "base_width": 4, "depth": 2},
+                    preset="stroke-dwi", provenance={"purpose": "test stand-in"})
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "LesionSegLib", "demo", "--demo-dir", str(demo), "-o", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "Dice" in r.stdout and 0.0 <= summary["dice_vs_expert"] <= 1.0
+    dwi = sitk.ReadImage(str(DATA / "isles22-sub-strokecase0009-dwi.nii.gz"))
+    labels = sitk.ReadImage(str(out / "dwi-lesion-labels.nii.gz"))
+    assert labels.GetSize() == dwi.GetSize()
+    assert np.allclose(labels.GetDirection(), dwi.GetDirection()) and np.allclose(labels.GetOrigin(), dwi.GetOrigin())
+    rows = list(csv.DictReader((out / "dwi-lesions.csv").open()))
+    assert len(rows) == summary["lesions"]
+    assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "dwi-lesions.seg.nrrd").stat().st_size > 0
+
+
+def test_demo_without_weights_says_what_is_missing(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "LesionSegLib", "demo", "--demo-dir", str(tmp_path)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "is missing" in r.stdout
