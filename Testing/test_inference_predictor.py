@@ -237,3 +237,19 @@ def test_fft_depthwise_convolution_equals_the_direct_one():
         want = direct(x)
         got = p.model(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max())
+
+
+def test_onnxruntime_backend_gives_the_torch_labels():
+    """The onnxruntime hook end to end (LesionSegLib.onnx_backend exports the fused
+    network in memory): same geometry handling, same labels as the torch backend."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    net = shifted_threshold_unet(dy=1, dx=0)
+    img = ct_volume(slices=3, blobs=((0, 6, 8, 10),))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    want = Predictor(net, device="cpu").predict_volume(img, mode="native")
+    p = Predictor(net, device="cpu", backend="onnxruntime")
+    assert p.model is None and p.precision == "fp32"
+    got = p.predict_volume(img, mode="native")
+    assert np.array_equal(sitk.GetArrayFromImage(got.labels), sitk.GetArrayFromImage(want.labels))
+    assert sitk.GetArrayFromImage(got.labels).sum() == 2 * 10 * 10

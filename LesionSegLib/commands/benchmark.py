@@ -125,6 +125,15 @@ class PeakMemory:
         self.peak_bytes = max(self._max, self._status("VmRSS") or 0) - self._base
 
 
+def _load_average() -> Optional[float]:
+    """1-minute load average: other work on the machine slows the reference loop (many
+    small, synchronised operations) more than batched inference, so it goes with every row."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def _timed(fn, device, cpu_times: Optional[List[float]] = None):
     """Wall time of ``fn()`` (and, into ``cpu_times``, the CPU time this process spent:
     on a machine shared with other work it varies less than the wall time)."""
@@ -283,8 +292,9 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
         predictor.batch_size = cfg[0]
         return predictor.predict_volume(img if img is not None else cfg[1])
 
+    load_start = _load_average()
     log(f"{name} on {predictor.device}: input {net_size[0]}×{net_size[1]}, {args.slices} slices of "
-        f"{args.slice_size}², warming up")
+        f"{args.slice_size}², warming up (load average {load_start})")
     for key in configs:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning
         run(key, small)
     times: Dict[str, List[float]] = {k: [] for k in configs}
@@ -317,7 +327,8 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
                            "ms_per_batch": {}, "peak_mb": {k: v / 2 ** 20 for k, v in peaks.items()},
                            "auto_batch": used_batch.get("auto"),
                            "latency_ms_one_slice": 1000 * statistics.median(lat),
-                           "reference_latency_ms_one_slice": None if ref_lat is None else 1000 * ref_lat}
+                           "reference_latency_ms_one_slice": None if ref_lat is None else 1000 * ref_lat,
+                           "load_average": [load_start, _load_average()]}
     for k, v in times.items():
         b = used_batch.get(k, 1)
         row["ms_per_batch"][k] = 1000 * statistics.median(v) / -(-args.slices // b)
@@ -417,7 +428,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     for r in rows:
         if "speedup_auto" in r:
             print(f"{r['model']} {r['device']}: speedup over the reference loop "
-                  f"{r['speedup_auto']:.2f}× (auto batch {r['auto_batch']}), best {r['speedup_best']:.2f}×")
+                  f"{r['speedup_auto']:.2f}× (auto batch {r['auto_batch']}), best {r['speedup_best']:.2f}×; "
+                  f"load average {r['load_average'][0]} → {r['load_average'][1]}")
     if args.json:
         from ..inference.io import write_text
         write_text(json.dumps({"date": date, "machine": machine, "command": command, "rows": rows}, indent=2),
