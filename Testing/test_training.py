@@ -16,23 +16,14 @@ from LesionSegLib.data import DataError
 from LesionSegLib.training import RecipeError, TrainingError, load_recipe, train
 from LesionSegLib.training.schedule import Schedule
 
+from training_helpers import write_folder
+
 TINY = {"epochs": 2, "batch_size": 2, "epoch_length": 4, "size": [32, 32], "val_fraction": 0.5,
         "model_config": {"base_width": 4, "depth": 3}, "checkpoint_every_steps": 0}
 
 
 def make_folder(root: Path, n=4, size=40, grey=True):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
-        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= (size // 6) ** 2
-        img = (60 + 40 * rng.random((size, size)) + 120 * m).astype(np.uint8)
-        arr = img if grey else np.stack([img, img // 2 + 30, 255 - img], -1)
-        sitk.WriteImage(sitk.GetImageFromArray(arr, isVector=not grey), str(root / "images" / f"case{i}_{i}.png"))
-        sitk.WriteImage(sitk.GetImageFromArray((m * 255).astype(np.uint8)), str(root / "masks" / f"case{i}_{i}.png"))
-    return root
+    return write_folder(root, n, size, 1 if grey else 3, prefix="case")
 
 
 # ------------------------------------------------------------------ recipes

@@ -16,7 +16,7 @@ def smallest_size(name: str) -> int:
     return -(-low // div) * div
 
 
-def write_folder(root: Path, n: int, size: int, channels: int) -> Path:
+def write_folder(root: Path, n: int, size: int, channels: int, prefix: str = "p") -> Path:
     """``n`` images with a bright disc lesion and its mask, in ``root/{images,masks}``."""
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -27,8 +27,8 @@ def write_folder(root: Path, n: int, size: int, channels: int) -> Path:
         m = (yy - cy) ** 2 + (xx - cx) ** 2 <= (size // 6) ** 2
         img = (60 + 40 * rng.random((size, size)) + 120 * m).astype(np.uint8)
         arr = img if channels == 1 else np.stack([img, img // 2 + 30, 255 - img], -1)
-        sitk.WriteImage(sitk.GetImageFromArray(arr, isVector=channels != 1), str(root / "images" / f"p{i}_{i}.png"))
-        sitk.WriteImage(sitk.GetImageFromArray((m * 255).astype(np.uint8)), str(root / "masks" / f"p{i}_{i}.png"))
+        sitk.WriteImage(sitk.GetImageFromArray(arr, isVector=channels != 1), str(root / "images" / f"{prefix}{i}_{i}.png"))
+        sitk.WriteImage(sitk.GetImageFromArray((m * 255).astype(np.uint8)), str(root / "masks" / f"{prefix}{i}_{i}.png"))
     return root
 
 
