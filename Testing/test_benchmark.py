@@ -22,20 +22,21 @@ def test_benchmark_runs_and_reports_every_measurement(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "LesionSegLib", "benchmark", "--models", "unet", "--size", "32",
                         "--slices", "3", "--slice-size", "40", "--batch-sizes", "1,2", "--repeats", "1",
-                        "--linearity", "--devices", "cpu,cuda", "--json", str(out)],
+                        "--linearity", "--onnx", "--devices", "cpu,cuda", "--json", str(out)],
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     (row,) = [x for x in data["rows"] if x["device"] == "cpu"]
-    assert set(row["slices_per_s"]) == {"reference", "bs1", "bs2", "auto"}
+    assert set(row["slices_per_s"]) == {"reference", "bs1", "bs2", "auto", "onnx"}
     assert all(v > 0 for v in row["slices_per_s"].values())
     assert row["network_input"] == [32, 32] and row["slices"] == 3
     assert row["speedup_auto"] == row["slices_per_s"]["auto"] / row["slices_per_s"]["reference"]
+    assert row["speedup_onnx"] == row["slices_per_s"]["onnx"] / row["slices_per_s"]["reference"]
     assert row["linearity"]["slices"] == 6 and row["linearity"]["time_ratio"] > 0
     assert row["latency_ms_one_slice"] > 0 and "auto" in row["peak_mb"]
     assert data["machine"]["cores"] == os.cpu_count() and data["command"].startswith("lesionseg benchmark")
     assert "| unet | cpu fp32 | 32×32 |" in r.stdout
-    assert "speedup over the reference loop" in r.stdout
+    assert "speedup over the reference loop" in r.stdout and "onnxruntime" in r.stdout
     import torch
     if not torch.cuda.is_available():
         assert "cuda: no CUDA GPU available here; skipped" in r.stderr

@@ -204,6 +204,25 @@ def test_device_precision_and_backend_choices(monkeypatch):
     assert Predictor(net, precision="bf16", device="cpu").precision == "bf16"
 
 
+def test_cpu_batch_follows_threads_and_input_size():
+    """On the CPU large batches are slower once feature maps outgrow the caches
+    (docs/performance.md): at most two inputs per thread, fewer for large inputs."""
+    from LesionSegLib.inference.runtime import cpu_batch_size
+    assert cpu_batch_size(352, 352, threads=1) == 2
+    assert cpu_batch_size(352, 352, threads=2) == 4
+    assert cpu_batch_size(352, 352, threads=16) == 4       # the pixel budget
+    assert cpu_batch_size(64, 64, threads=16) == 16        # the cap
+    assert cpu_batch_size(960, 1440, threads=2) == 1       # one fundus image
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        p = Predictor(shifted_threshold_unet(), device="cpu")
+        out = p.predict_volume(ct_volume(slices=5))
+        assert out.info["batch_size"] == cpu_batch_size(*p.card["input"]["size"], threads=1)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_fft_depthwise_convolution_equals_the_direct_one():
     """MS-LKSeg's fused 21×21 depthwise convolutions run through the FFT on the CPU:
     same outputs as nn.Conv2d (odd sizes, padding, bias, channels-last), and the same
@@ -239,6 +258,41 @@ def test_fft_depthwise_convolution_equals_the_direct_one():
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max())
 
 
+def test_trainable_fft_depthwise_gives_the_convolution_gradients():
+    """Training on the CPU runs large depthwise kernels through the FFT: same output and
+    same gradients (input, weight, bias) as nn.Conv2d, on the convolution's own
+    parameters, and restore_convolutions gives the nn.Conv2d back."""
+    import torch.nn as nn
+    from LesionSegLib.inference.fastconv import FFTDepthwiseConv2d, replace_large_depthwise, restore_convolutions
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 4, 21, padding=10, groups=4, bias=True)
+    x = torch.randn(2, 4, 30, 26, requires_grad=True)
+    g = torch.randn(2, 4, 30, 26)
+    (conv(x) * g).sum().backward()
+    want = [t.grad.clone() for t in (x, conv.weight, conv.bias)]
+    for t in (x, conv.weight, conv.bias):
+        t.grad = None
+    fft = FFTDepthwiseConv2d(conv, trainable=True)
+    assert fft.weight is conv.weight and fft.bias is conv.bias
+    (fft(x) * g).sum().backward()
+    for got, ref in zip((x.grad, conv.weight.grad, conv.bias.grad), want):
+        assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max()), (got - ref).abs().max()
+    # the kernel changes at each optimiser step: no stale spectrum
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    with torch.no_grad():
+        assert torch.allclose(fft(x), conv(x), atol=1e-4 * conv(x).abs().max())
+
+    net = models.create("mslkseg", widths=[8, 16, 32, 64, 128])
+    keys = list(net.state_dict())
+    params = list(net.parameters())
+    assert replace_large_depthwise(net, trainable=True) == 4
+    assert list(net.state_dict()) == keys and all(a is b for a, b in zip(net.parameters(), params))
+    assert restore_convolutions(net) == 4
+    assert not any(isinstance(m, FFTDepthwiseConv2d) for m in net.modules())
+    assert list(net.state_dict()) == keys and all(a is b for a, b in zip(net.parameters(), params))
+
+
 def test_onnxruntime_backend_gives_the_torch_labels():
     """The onnxruntime hook end to end (LesionSegLib.onnx_backend exports the fused
     network in memory): same geometry handling, same labels as the torch backend."""
@@ -253,3 +307,10 @@ def test_onnxruntime_backend_gives_the_torch_labels():
     got = p.predict_volume(img, mode="native")
     assert np.array_equal(sitk.GetArrayFromImage(got.labels), sitk.GetArrayFromImage(want.labels))
     assert sitk.GetArrayFromImage(got.labels).sum() == 2 * 10 * 10
+    # onnxruntime follows torch's CPU thread setting instead of taking every core
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert Predictor(net, device="cpu", backend="onnxruntime")._runner.num_threads == 1
+    finally:
+        torch.set_num_threads(previous)

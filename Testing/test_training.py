@@ -67,6 +67,10 @@ def test_overrides_reach_every_value_and_typos_are_errors():
         load_recipe("m2snet", **{"optimizer.name": "rmsprop"})
     with pytest.raises(RecipeError, match="epochs"):
         load_recipe("unet", epochs=0)
+    # another optimiser or schedule replaces the section: SGD's momentum does not leak into Adam
+    r = load_recipe("m2snet", optimizer={"name": "adam", "lr": 1e-4}, schedule={"name": "constant"})
+    assert r["optimizer"] == {"name": "adam", "lr": 1e-4} and r["schedule"] == {"name": "constant"}
+    assert load_recipe("m2snet", optimizer={"lr": 0.5})["optimizer"]["momentum"] == 0.9   # same kind: merged
 
 
 def test_triangular_schedule_matches_the_m2snet_formula():
@@ -122,6 +126,8 @@ def test_training_run_writes_checkpoints_logs_and_curves(tmp_path):
     assert r.best_checkpoint == str(out / "best.pt") and len(r.history) == 2
     ck = checkpoint.load(r.best_checkpoint)
     assert ck.name == "unet" and ck.config["base_width"] == 4
+    # trained at 32x32 (not the card's size): the predictor must resize to what was trained
+    assert ck.card["preset"]["input"]["size"] == [32, 32]
     prov = ck.provenance
     assert prov["recipe"]["epochs"] == 2 and prov["data"]["layout"] == "images/masks"
     assert 0.0 <= prov["metrics"]["val_dice"] <= 1.0 and "val_iou" in prov["metrics"]

@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--epoch-length", type=int, default=320, help="slices per epoch")
     ap.add_argument("--time-limit", type=float, default=2400, help="stop training after this many seconds")
+    ap.add_argument("--size", type=int, default=112,
+                    help="training (and so inference) slice size; 112 is the DWI's native matrix")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
         result = train("msenet", cases, work / "run", preset="isles-dwi",
                        recipe_overrides={"epochs": args.epochs, "model_config": DEMO_CONFIG,
                                          "epoch_length": args.epoch_length, "early_stopping": None,
+                                         "size": [args.size, args.size],
                                          "checkpoint_every_steps": 0, "time_limit_s": args.time_limit},
                        seed=args.seed, verbose=True)
         ck = checkpoint.load(result.best_checkpoint)

@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--precision", default="auto", help="Predictor precision (default auto)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--onnx", action="store_true",
+                   help="on the CPU, also time the Predictor with the onnxruntime backend (auto batch)")
     p.add_argument("--linearity", action="store_true", help="also time 2× the slices (cost and memory scaling)")
     p.add_argument("--json", help="write all measurements to this JSON file")
     p.set_defaults(func=run_benchmark)
@@ -284,11 +286,19 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
     for b in batch_sizes:
         configs[f"bs{b}"] = (b, image)
     configs["auto"] = ("auto", image)
+    onnx_predictor = None
+    if getattr(args, "onnx", False) and device.type == "cpu":
+        # the same network through onnxruntime: exported once per input shape during warm-up
+        onnx_predictor = Predictor(copy.deepcopy(net), device="cpu", backend="onnxruntime", batch_size="auto")
+        onnx_predictor.card["input"]["size"] = list(net_size)
+        configs["onnx"] = ("onnx", image)
 
     def run(key, img=None):
         cfg = configs[key]
         if callable(cfg):
             return cfg() if img is None else reference_loop(reference_net, name, card, img, net_size)
+        if key == "onnx":
+            return onnx_predictor.predict_volume(img if img is not None else cfg[1])
         predictor.batch_size = cfg[0]
         return predictor.predict_volume(img if img is not None else cfg[1])
 
@@ -337,6 +347,8 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
         row["speedup_auto"] = row["slices_per_s"]["auto"] / ref
         row["speedup_best"] = max(v for k, v in row["slices_per_s"].items() if k != "reference") / ref
         row["speedup_auto_cpu_time"] = row["cpu_seconds"]["reference"] / row["cpu_seconds"]["auto"]
+        if "onnx" in row["slices_per_s"]:
+            row["speedup_onnx"] = row["slices_per_s"]["onnx"] / ref
     if args.linearity:
         big = synthetic_volume(card, 2 * args.slices, args.slice_size)
         predictor.batch_size = "auto"
@@ -417,6 +429,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         for d in devices:
             rows.append(bench_model(name, d, args, sizes.get(name), log))
     batch_keys = [f"bs{int(b)}" for b in args.batch_sizes.split(",") if b.strip()]
+    if any("onnx" in r["slices_per_s"] for r in rows):
+        batch_keys.append("onnx")
     date = _dt.date.today().isoformat()
     print(f"LesionSeg benchmark, {date}; {machine['cpu']} ({machine['cores']} cores, {machine['torch_threads']} "
           f"torch threads), GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}")
@@ -428,7 +442,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     for r in rows:
         if "speedup_auto" in r:
             print(f"{r['model']} {r['device']}: speedup over the reference loop "
-                  f"{r['speedup_auto']:.2f}× (auto batch {r['auto_batch']}), best {r['speedup_best']:.2f}×; "
+                  f"{r['speedup_auto']:.2f}× (auto batch {r['auto_batch']}), best {r['speedup_best']:.2f}×"
+                  + (f", onnxruntime {r['speedup_onnx']:.2f}×" if "speedup_onnx" in r else "") + "; "
                   f"load average {r['load_average'][0]} → {r['load_average'][1]}")
     if args.json:
         from ..inference.io import write_text

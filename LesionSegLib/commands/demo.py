@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import List
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,12 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def overlay_png(path, image, predicted: np.ndarray, reference=None, zoom: int = 4) -> int:
-    """Axial slice with the largest predicted lesion area, shown in LPS display order
-    (anterior up, patient's left on the right, as radiologists read), grey DWI with the
-    prediction in red and the expert outline in green. Returns the slice index."""
+def overlay_png(path, image, predicted: np.ndarray, reference=None, zoom: int = 4) -> List[int]:
+    """Axial slices shown in LPS display order (anterior up, patient's left on the right,
+    as radiologists read), grey DWI with the prediction in red and the expert outline in
+    green, side by side: the slice with the largest expert lesion area (when there is a
+    reference) and the slice with the largest predicted area (when it is another one), so
+    that both misses and false positives are seen. Returns the LPS slice indices."""
     import SimpleITK as sitk
     from ..training.plot import write_png
 
@@ -52,18 +55,29 @@ def overlay_png(path, image, predicted: np.ndarray, reference=None, zoom: int = 
     vol = to_lps(sitk.GetArrayFromImage(image))
     pred = to_lps(predicted) > 0.5
     ref = to_lps(reference) > 0.5 if reference is not None else None
-    areas = pred.sum(axis=(1, 2)) if pred.any() else (ref.sum(axis=(1, 2)) if ref is not None else vol.sum(axis=(1, 2)))
-    z = int(np.argmax(areas))
-    lo, hi = np.percentile(vol[z], (1, 99.5))
-    grey = (np.clip((vol[z] - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
-    rgb[pred[z]] = 0.45 * rgb[pred[z]] + 0.55 * np.array([255, 40, 40])
-    rgb = np.kron(rgb, np.ones((zoom, zoom, 1)))
-    if ref is not None:
-        outline = _contour(np.kron(ref[z], np.ones((zoom, zoom), bool)).astype(bool))
-        rgb[outline] = (40, 255, 40)
-    write_png(path, rgb.clip(0, 255).astype(np.uint8))
-    return z
+    slices = []
+    if ref is not None and ref.any():
+        slices.append(int(np.argmax(ref.sum(axis=(1, 2)))))
+    if pred.any():
+        z = int(np.argmax(pred.sum(axis=(1, 2))))
+        if z not in slices:
+            slices.append(z)
+    if not slices:
+        slices.append(vol.shape[0] // 2)
+    panels = []
+    for z in slices:
+        lo, hi = np.percentile(vol[z], (1, 99.5))
+        grey = (np.clip((vol[z] - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+        rgb[pred[z]] = 0.45 * rgb[pred[z]] + 0.55 * np.array([255, 40, 40])
+        rgb = np.kron(rgb, np.ones((zoom, zoom, 1)))
+        if ref is not None:
+            outline = _contour(np.kron(ref[z], np.ones((zoom, zoom), bool)).astype(bool))
+            rgb[outline] = (40, 255, 40)
+        panels.append(rgb)
+        panels.append(np.full((rgb.shape[0], 2 * zoom, 3), 255.0))  # white gap between panels
+    write_png(path, np.concatenate(panels[:-1], axis=1).clip(0, 255).astype(np.uint8))
+    return slices
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
         summary.update({"dice_vs_expert": round(float(np.asarray(dice).reshape(-1)[0]), 4),
                         "iou_vs_expert": round(float(np.asarray(iou).reshape(-1)[0]), 4),
                         "expert_volume_ml": round(float(reference.sum()) * voxel_ml, 3)})
-    z = overlay_png(out / "overlay.png", image, mask, reference)
-    summary["overlay_slice_lps"] = z
+    summary["overlay_slices_lps"] = overlay_png(out / "overlay.png", image, mask, reference)
     write_text(json.dumps(summary, indent=2), out / "summary.json")
 
     print(f"\nSegmented in {seconds:.1f} s on {predictor.device}: {summary['lesions']} lesion(s), "
@@ -134,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
                      ("overlay, red = prediction, green = expert outline", out / "overlay.png"),
                      ("summary", out / "summary.json")):
         print(f"  {label:52s} {p}")
+    panels = summary["overlay_slices_lps"]
+    if reference is not None:
+        print(f"  overlay panels: axial slice {panels[0]} (largest expert lesion)"
+              + (f", slice {panels[1]} (largest predicted lesion)" if len(panels) > 1 else "")
+              + "; slice numbers count from the patient's feet (LPS)")
     print("\nThese demo weights come from training on synthetic lesions pasted into the lesion-free "
           "slices of this same scan (scripts/make_demo_model.py; see the provenance printed above). They "
           "show the pipeline on real anatomy; they are not a clinical model.")

@@ -9,6 +9,11 @@ the FFT a channel costs O(HW log HW) whatever the kernel size (20× faster here)
 :func:`replace_large_depthwise` swaps such ``nn.Conv2d`` modules in the *inference copy*
 of a network (after ``fuse_for_inference``); the user's network is never modified. It is
 applied on the CPU only: cuDNN's depthwise kernels are fast on GPUs.
+
+Training on the CPU uses the same path (``trainable=True``): the FFT module then shares the
+convolution's own weight and bias parameters (same names, so state dicts and optimisers
+are unchanged) and gradients flow through ``rfft2`` to them. A training step of MS-LKSeg
+(batch 4, 192², one core) went from about 22 s to about 6 s.
 """
 from __future__ import annotations
 
@@ -41,20 +46,25 @@ class FFTDepthwiseConv2d(nn.Module):
     padding, computed as a product of spectra. The kernel's spectrum is cached per
     input size (a volume's slices all have the same size)."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, trainable: bool = False) -> None:
         super().__init__()
         if not is_fft_candidate(conv, min_kernel=1):
             raise ValueError("only stride-1, undilated, zero-padded depthwise convolutions can use the FFT")
-        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        if trainable:  # the convolution's own parameters: optimisers and state dicts see no change
+            self.weight, self.bias = conv.weight, conv.bias
+        else:
+            self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+            self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.padding = tuple(conv.padding)
         self._spectra: Dict[Tuple, torch.Tensor] = {}
 
     def _spectrum(self, size: Tuple[int, int], device, dtype) -> torch.Tensor:
-        key = (size, str(device), dtype)
+        kernel = self.weight[:, 0].flip(-1, -2).to(device=device, dtype=dtype)
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            return torch.fft.rfft2(kernel, s=size)  # training: the kernel changes at every step
+        key = (size, str(device), dtype, self.weight._version)
         if key not in self._spectra:
             # a convolution with the flipped kernel is the cross-correlation nn.Conv2d computes
-            kernel = self.weight[:, 0].flip(-1, -2).to(device=device, dtype=dtype)
             self._spectra = {key: torch.fft.rfft2(kernel, s=size)}  # keep one size: memory stays bounded
         return self._spectra[key]
 
@@ -65,8 +75,7 @@ class FFTDepthwiseConv2d(nn.Module):
         out_h, out_w = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
         size = (_fast_size(h + kh - 1), _fast_size(w + kw - 1))
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        spec = torch.fft.rfft2(x.to(dtype), s=size)
-        spec.mul_(self._spectrum(size, x.device, dtype))
+        spec = torch.fft.rfft2(x.to(dtype), s=size) * self._spectrum(size, x.device, dtype)
         full = torch.fft.irfft2(spec, s=size)
         # full[n] = Σ_u w[u]·x[n − (k − 1) + u]; nn.Conv2d's y[i] = Σ_u w[u]·x[i − p + u]
         y = full[..., kh - 1 - ph: kh - 1 - ph + out_h, kw - 1 - pw: kw - 1 - pw + out_w]
@@ -83,10 +92,27 @@ def is_fft_candidate(module: nn.Module, min_kernel: int = MIN_FFT_KERNEL) -> boo
             and isinstance(module.padding, tuple) and min(module.kernel_size) >= min_kernel)
 
 
-def replace_large_depthwise(model: nn.Module, min_kernel: int = MIN_FFT_KERNEL) -> int:
+def replace_large_depthwise(model: nn.Module, min_kernel: int = MIN_FFT_KERNEL, trainable: bool = False) -> int:
     """Replace, in place, every large-kernel depthwise ``nn.Conv2d`` of ``model`` by an
-    :class:`FFTDepthwiseConv2d`. Returns how many were replaced."""
+    :class:`FFTDepthwiseConv2d` (``trainable``: sharing its parameters, for training).
+    Returns how many were replaced."""
     targets = [name for name, m in model.named_modules() if is_fft_candidate(m, min_kernel)]
     for name in targets:
-        model.set_submodule(name, FFTDepthwiseConv2d(model.get_submodule(name)))
+        model.set_submodule(name, FFTDepthwiseConv2d(model.get_submodule(name), trainable=trainable))
+    return len(targets)
+
+
+def restore_convolutions(model: nn.Module) -> int:
+    """Undo a trainable :func:`replace_large_depthwise`: ``nn.Conv2d`` modules holding the
+    same parameters again (before exporting or saving the module itself)."""
+    targets = [name for name, m in model.named_modules() if isinstance(m, FFTDepthwiseConv2d)]
+    for name in targets:
+        fft = model.get_submodule(name)
+        c, kh, kw = fft.weight.shape[0], fft.weight.shape[-2], fft.weight.shape[-1]
+        conv = nn.Conv2d(c, c, (kh, kw), padding=fft.padding, groups=c, bias=fft.bias is not None,
+                         device=fft.weight.device, dtype=fft.weight.dtype)
+        conv.weight = fft.weight
+        if fft.bias is not None:
+            conv.bias = fft.bias
+        model.set_submodule(name, conv)
     return len(targets)

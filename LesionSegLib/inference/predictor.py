@@ -356,8 +356,11 @@ class Predictor:
         (B, K, H, W); everything around it (geometry, resizing, decisions, lesions) is
         shared with the torch backend. For an ``.onnx`` file, ``read_metadata(path)``
         must return ``(registry name, card)``."""
+        # onnxruntime would otherwise take every core: follow torch's thread setting, so that a
+        # limit set for torch (Slicer, a benchmark, a shared server) holds for both backends
+        threads = torch.get_num_threads() if str(self.device) == "cpu" else None
         return _import_onnx_backend().create_runner(source, name=self.name, card=self.card, device=self.device,
-                                          precision=self.precision)
+                                                    precision=self.precision, num_threads=threads)
 
     # ------------------------------------------------------------------ network
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

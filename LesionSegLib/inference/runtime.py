@@ -15,12 +15,14 @@ import torch.nn as nn
 
 log = logging.getLogger("LesionSeg")
 
-#: on the CPU, a batch holds about this many network-input pixels (4 slices of 352²).
-#: Batching gives the deep, low-resolution layers of the encoders wider GEMMs (Res2Net
-#: networks run 2-3× faster at batch 4 than at batch 1), while full-resolution layers
-#: become memory-bound once a batch's feature maps outgrow the caches (U-Net at 352² is
-#: fastest at batch 2); 4 × 352² is the compromise measured in docs/performance.md
+#: on the CPU, a batch holds at most this many network-input pixels (4 slices of 352²)
+#: and at most CPU_BATCH_PER_THREAD inputs per torch thread. Batching gives the deep,
+#: low-resolution layers wider GEMMs, but once a batch's full-resolution feature maps
+#: outgrow the caches the convolutions become memory-bound: on one core (docs/
+#: performance.md) U-Net at 352² ran 1.59 slices/s at batch 1 and 1.13 at batch 8, MS-LKSeg
+#: 1.09 and 0.90, M2SNet was best at batch 2-4 (+10 % over batch 1), MSE-Net flat.
 CPU_PIXELS_PER_BATCH = 4 * 352 * 352
+CPU_BATCH_PER_THREAD = 2
 CPU_MAX_BATCH = 16
 MAX_BATCH = 64
 #: fraction of the free GPU memory a batch may plan to use (the rest: fragmentation,
@@ -103,8 +105,12 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def cpu_batch_size(height: int, width: int) -> int:
-    return int(min(CPU_MAX_BATCH, max(1, round(CPU_PIXELS_PER_BATCH / max(1, height * width)))))
+def cpu_batch_size(height: int, width: int, threads: Optional[int] = None) -> int:
+    """Inputs per batch on the CPU for ``height`` × ``width`` network inputs and
+    ``threads`` torch threads (default: torch's current setting)."""
+    threads = max(1, int(threads or torch.get_num_threads()))
+    by_pixels = round(CPU_PIXELS_PER_BATCH / max(1, height * width))
+    return int(max(1, min(CPU_MAX_BATCH, by_pixels, CPU_BATCH_PER_THREAD * threads)))
 
 
 def available_host_memory() -> Optional[int]:

@@ -82,8 +82,13 @@ def _set_dotted(recipe: Dict[str, Any], key: str, value: Any, known: Mapping[str
         if not isinstance(node.get(p), dict):
             node[p] = {}
         node = node[p]
-    if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
-        node[parts[-1]] = deep_merge(node[parts[-1]], value)
+    current = node.get(parts[-1])
+    # a section given with another "name" (optimizer sgd → adam, schedule step → cosine)
+    # starts afresh: the old kind's options (momentum, step_epochs …) mean nothing to it
+    renamed = isinstance(value, Mapping) and isinstance(current, dict) and "name" in value \
+        and value["name"] != current.get("name")
+    if isinstance(value, Mapping) and isinstance(current, dict) and not renamed:
+        node[parts[-1]] = deep_merge(current, value)
     else:
         node[parts[-1]] = copy.deepcopy(value)
 

@@ -320,7 +320,9 @@ def _optimizer(model: nn.Module, name: str, opt: Dict[str, Any]) -> torch.optim.
     common = {"name", "lr", "weight_decay", "param_groups", "backbone_lr_mult"}
     unknown = set(opt) - common - known[opt["name"]]
     if unknown:
-        raise RecipeError(f"optimizer {opt['name']}: unknown option(s) {', '.join(sorted(unknown))}")
+        raise RecipeError(f"optimizer {opt['name']}: unknown option(s) {', '.join(sorted(unknown))}; to change "
+                          f"the optimiser give the whole section, e.g. --set 'optimizer={{\"name\": "
+                          f"\"{opt['name']}\", \"lr\": {opt.get('lr')}}}'")
     groups = _param_groups(model, name, opt)
     if opt["name"] == "sgd":
         return torch.optim.SGD(groups, lr=float(opt["lr"]), momentum=float(opt.get("momentum", 0.0)),
@@ -471,6 +473,9 @@ def train(model_name: str, data, out_dir, preset: Optional[str] = None,
     ms = recipe.get("multiscale") or None
     sizes = [tuple(s) if isinstance(s, (list, tuple)) else (int(s), int(s)) for s in ms["sizes"]] if ms else [size]
     _check_sizes(name, input_spec, sizes + [size])
+    # the checkpoint's card records the size the network was trained (and validated) at, so
+    # the predictor resizes to it; a run at a non-card size must not be fed card-size slices
+    input_spec["size"] = list(size)
 
     dev = _pick_device(device)
     if dist.enabled and dev.type == "cuda":
@@ -518,6 +523,12 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
         elif main:  # PyTorch's SyncBatchNorm runs on GPUs only
             warnings.warn("sync_bn ignored: SyncBatchNorm needs CUDA; each CPU process keeps its own batch statistics")
     model.to(dev)
+    if dev.type == "cpu":
+        # oneDNN computes depthwise kernels above 13×13 on a slow generic path (MS-LKSeg's
+        # 21×21 Re-DWConv: 3-4× the whole step); the FFT computes the same map and shares
+        # the parameters, so optimiser, state dict and checkpoints are unchanged
+        from ..inference.fastconv import replace_large_depthwise
+        replace_large_depthwise(model, trainable=True)
     channels_last = recipe.get("channels_last", "auto")
     channels_last = (dev.type == "cuda") if channels_last == "auto" else bool(channels_last)
     if channels_last:
@@ -645,6 +656,8 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
                   provenance=provenance(history[-1] if history else {}), extra={"training_state": st})
 
     def result(stopped_early=False) -> TrainResult:
+        from ..inference.fastconv import restore_convolutions
+        restore_convolutions(model)  # the caller gets the network as built (nn.Conv2d)
         best = out / BEST_NAME
         last = out / LAST_NAME
         return TrainResult(str(best) if best.exists() else None, str(last) if last.exists() else None, history,
