@@ -94,6 +94,28 @@ def test_predict_folder_with_bad_files(tmp_path):
     assert not list(out.glob(".*"))                          # no temporary files left behind
 
 
+def test_predict_with_the_onnxruntime_backend_and_an_onnx_file(tmp_path):
+    """--backend onnxruntime gives the torch labels; an exported .onnx file runs as well."""
+    import pytest
+    pytest.importorskip("onnxruntime")
+    ck = checkpoint.save(tmp_path / "threshold.pt", shifted_threshold_unet(dy=0, dx=0), preset="covid-ct")
+    inputs = tmp_path / "in"
+    vol, *_ = make_inputs(inputs)
+    r = lesionseg("predict", "--checkpoint", ck, "--backend", "onnxruntime", "--no-csv", "--quiet",
+                  inputs / "case1.nii.gz", "-o", tmp_path / "ort")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ort" / "case1_label.nii.gz"))),
+                          (vol > 0).astype(np.uint8))
+    onnx = tmp_path / "threshold.onnx"
+    r = lesionseg("export-onnx", "--checkpoint", ck, "--dynamic-batch", "-o", onnx)
+    assert r.returncode == 0, r.stderr
+    r = lesionseg("predict", "--checkpoint", onnx, "--no-csv", "--quiet", inputs / "case1.nii.gz",
+                  "-o", tmp_path / "file")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "file" / "case1_label.nii.gz"))),
+                          (vol > 0).astype(np.uint8))
+
+
 def test_predict_refuses_to_run_without_a_network_and_reports_bad_arguments(tmp_path):
     r = lesionseg("predict", tmp_path, "-o", tmp_path / "out")
     assert r.returncode == 2 and "--checkpoint" in r.stderr

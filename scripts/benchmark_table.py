@@ -56,14 +56,13 @@ def main(argv=None) -> int:
         print(f"| {r['model']} | {'×'.join(map(str, r['network_input']))} | {ref:.2f} | {cell('bs1')} | "
               f"{cell('bs2')} | {cell('bs4')} | {cell('bs8')} | {cell('onnx')} | **{cell(dflt)}** ({dflt[2:]}) | "
               f"{sps[best_k] / ref:.2f}× | {best_k} |")
-    print("\n| network | latency, 1 slice (reference) | peak MB reference | peak MB default | "
-          "2× slices: time ratio | 2× slices: peak MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| network | latency, 1 slice (reference) | peak MB reference | auto batch | peak MB auto, "
+          f"{rows[0]['slices']} slices | auto, 2× slices: time ratio | auto, 2× slices: peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        dflt = default_key(r)
         pk, lin = r["peak_mb"], r.get("linearity") or {}
         print(f"| {r['model']} | {r['latency_ms_one_slice']:.0f} ms ({r['reference_latency_ms_one_slice']:.0f} ms) | "
-              f"{pk.get('reference', float('nan')):.0f} | {pk.get(dflt, pk.get('auto', float('nan'))):.0f} | "
+              f"{pk.get('reference', float('nan')):.0f} | {r.get('auto_batch')} | {pk.get('auto', float('nan')):.0f} | "
               f"{lin.get('time_ratio', float('nan')):.2f} | {lin.get('peak_mb', float('nan')):.0f} |")
     print("\nCommands:")
     for r in rows:

@@ -52,7 +52,7 @@ EXPERIMENTS: Dict[str, Dict[str, Any]] = {
     "polyp": {
         "data": SHARED / "cvc-clinicdb-20",
         "presets": {"unet": "polyp", "m2snet": "polyp", "mslkseg": "binary-lesion"},
-        "folds": 2, "size": [192, 256], "epochs": 8, "epoch_length": 24, "batch_size": 4,
+        "folds": 2, "size": [192, 256], "epochs": 6, "epoch_length": 24, "batch_size": 4,
         "description": "CVC-ClinicDB (20 consecutive colonoscopy frames of one sequence), 2-fold "
                        "cross-validation by blocks of 10 consecutive frames",
     },

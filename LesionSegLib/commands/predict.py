@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     run.add_argument("--batch-size", default="auto", help="slices per batch, or auto (default)")
     run.add_argument("--tta", action="store_true", help="average with the mirrored image")
     run.add_argument("--compile", action="store_true", help="torch.compile the network")
+    run.add_argument("--backend", choices=("torch", "onnxruntime"),
+                     help="torch (default) or onnxruntime (default for an .onnx --checkpoint; see "
+                          "docs/performance.md for when it is faster on a CPU)")
     run.add_argument("--mode", default="resize", choices=("resize", "native", "tile"),
                      help="resize slices/images to the network size (default), run them at native "
                           "resolution, or tile large images (2-D only)")
@@ -113,15 +116,18 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..checkpoint import load as load_checkpoint
     from ..inference import Predictor
     from ..inference import io as lio
-    if args.checkpoint:
+    if args.checkpoint and str(args.checkpoint).lower().endswith(".onnx"):
+        source = str(args.checkpoint)  # an exported graph: the Predictor reads its card (onnxruntime)
+    elif args.checkpoint:
         source = load_checkpoint(args.checkpoint, model=args.model, preset=args.preset)
     else:
         from .. import models
         print(f"lesionseg predict: warning: no --checkpoint: {args.model} has random weights "
               f"(for testing the pipeline only)", file=sys.stderr)
         source = models.create(args.model, preset=args.preset)
+    backend = args.backend or ("onnxruntime" if str(args.checkpoint or "").lower().endswith(".onnx") else "torch")
     predictor = Predictor(source, preset=args.preset, device=args.device, precision=args.precision,
-                          batch_size=batch, tta=args.tta, compile=args.compile)
+                          batch_size=batch, tta=args.tta, compile=args.compile, backend=backend)
     if not args.quiet:
         print(f"lesionseg predict: {predictor.name} ({predictor.preset}), {predictor.device_message}, "
               f"{predictor.precision}", file=sys.stderr)
