@@ -761,6 +761,11 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
             if k != "total":
                 row[f"train_{k}"] = v / max(1, acc["n"])
         if val_ds is not None:
+            if dyconv and hasattr(model, "set_dyconv_temperature"):
+                # validate the network that inference runs and best.pt holds: DyConv at the
+                # configured temperature (1), not the annealed training one (30 → 1); the
+                # next epoch sets the training temperature again
+                model.set_dyconv_temperature(float(full_config.get("dyconv_temperature", 1.0)))
             val = _validate(ddp_model, model, val_ds, loss_fn, spec, threshold, dev, dist, amp_dtype,
                             channels_last, recipe, name, cancel)
             if val is None:  # cancelled during validation: resume re-validates this epoch
