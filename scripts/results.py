@@ -291,44 +291,41 @@ def _machine(threads: int) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- tables
-def _mean_sd(vals):
+def _mean_sd(vals) -> Dict[str, float]:
+    """``{"mean", "std", "n"}`` of the finite values, as ``metrics.summarize`` reports metrics."""
     v = np.array([x for x in vals if x is not None and not math.isnan(x)], dtype=np.float64)
-    return (float(v.mean()), float(v.std()), int(v.size)) if v.size else (math.nan, math.nan, 0)
+    return {"mean": float(v.mean()) if v.size else math.nan, "std": float(v.std()) if v.size else math.nan,
+            "n": int(v.size)}
 
 
 def summarise(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Per network, over all held-out images of all folds: mean ± sd of Dice, IoU, HD95
-    (pixels, or mm for volumes), pooled Dice, per-class pooled AUPR and their mean (mAUC)."""
+    """Per network, over all held-out images of all folds (``metrics.summarize``): mean ±
+    sd of Dice, IoU, HD95 (pixels, or mm for volumes) and pooled Dice; plus per class the
+    AUPR pooled over each run's held-out pixels (mean ± sd over folds) and their mean (mAUC)."""
+    from LesionSegLib.metrics import summarize
     by_model: Dict[str, Dict[str, Any]] = {}
-    for key, run in results["runs"].items():
+    for run in results["runs"].values():
         m = by_model.setdefault(run["model"], {"runs": [], "cases": []})
         m["runs"].append(run)
         m["cases"].extend(run["cases"])
     table = {}
     for name, m in by_model.items():
-        classes = sorted({c for case in m["cases"] for c in case["classes"]}, key=int)
+        per_class = summarize(m["cases"])
+        classes = sorted((c for c in per_class if c != "mAUC"), key=int)
         row: Dict[str, Any] = {"folds": len(m["runs"]), "images": len(m["cases"]),
                                "train_minutes": sum(r["train_seconds"] for r in m["runs"]) / 60,
                                "epochs": m["runs"][0]["recipe_overrides"]["epochs"], "classes": {}}
         for c in classes:
-            rows = [case["classes"][c] for case in m["cases"] if c in case["classes"]]
-            tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
-            row["classes"][c] = {
-                "dice": _mean_sd(r["dice"] for r in rows), "iou": _mean_sd(r["iou"] for r in rows),
-                "hd95": _mean_sd(r["hd95"] for r in rows), "aupr": _mean_sd(r["aupr"] for r in rows),
-                # pooled over each run's held-out pixels, then mean ± sd over folds
-                "pooled_aupr": _mean_sd(run.get("pooled_aupr", {}).get(c) for run in m["runs"]),
-                "pooled_dice": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0,
-                "lesion_f1": _mean_sd(r["lesion_f1"] for r in rows)}
-        auprs = [row["classes"][c]["pooled_aupr"][0] for c in classes]
+            row["classes"][c] = dict(per_class[c], pooled_aupr=_mean_sd(
+                run.get("pooled_aupr", {}).get(c) for run in m["runs"]))
+        auprs = [row["classes"][c]["pooled_aupr"]["mean"] for c in classes]
         row["mAUC"] = float(np.nanmean(auprs)) if auprs else math.nan
         table[name] = row
     return table
 
 
-def _fmt(ms, digits=3):
-    mean, sd, n = ms
-    return "–" if n == 0 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+def _fmt(stat: Dict[str, float], digits=3) -> str:
+    return "–" if stat["n"] == 0 else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
 def write_table(out: Path) -> str:
@@ -341,15 +338,13 @@ def write_table(out: Path) -> str:
     lines = [f"### {results['experiment']}", "", results["description"] + ".", ""]
     multi = any(len(r["classes"]) > 1 for r in table.values())
     if multi:
-        names = {}
         lines += ["| network | class | AUPR (all held-out pixels) | AUPR (mean ± sd over images) | Dice | "
                   "pooled Dice |", "|---|---|---:|---:|---:|---:|"]
         for n in order:
             for c, v in table[n]["classes"].items():
-                lines.append(f"| {n} | {c} | {v['pooled_aupr'][0]:.3f} | {_fmt(v['aupr'])} | {_fmt(v['dice'])} | "
+                lines.append(f"| {n} | {c} | {v['pooled_aupr']['mean']:.3f} | {_fmt(v['aupr'])} | {_fmt(v['dice'])} | "
                              f"{v['pooled_dice']:.3f} |")
             lines.append(f"| {n} | **mAUC** | **{table[n]['mAUC']:.3f}** | | | |")
-        del names
     else:
         unit = "mm" if results["experiment"] == "stroke" else "px"
         lines += [f"| network | folds | images | epochs | train min | Dice | IoU | HD95 ({unit}) | pooled Dice | "

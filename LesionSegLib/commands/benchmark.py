@@ -32,7 +32,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 def register(subparsers) -> None:
@@ -280,27 +280,27 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
     reference_net = copy.deepcopy(net).eval()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
 
-    configs: Dict[str, Any] = {}
+    def at_batch(p, batch):
+        def segment(img):
+            p.batch_size = batch
+            return p.predict_volume(img)
+        return segment
+
+    # every configuration segments a given volume; all alternate within each repeat
+    configs: Dict[str, Callable[[Any], Any]] = {}
     if not args.no_reference and device.type == "cpu":
-        configs["reference"] = lambda img=image: reference_loop(reference_net, name, card, img, net_size)
+        configs["reference"] = lambda img: reference_loop(reference_net, name, card, img, net_size)
     for b in batch_sizes:
-        configs[f"bs{b}"] = (b, image)
-    configs["auto"] = ("auto", image)
-    onnx_predictor = None
+        configs[f"bs{b}"] = at_batch(predictor, b)
+    configs["auto"] = at_batch(predictor, "auto")
     if getattr(args, "onnx", False) and device.type == "cpu":
         # the same network through onnxruntime: exported once per input shape during warm-up
-        onnx_predictor = Predictor(copy.deepcopy(net), device="cpu", backend="onnxruntime", batch_size="auto")
+        onnx_predictor = Predictor(copy.deepcopy(net), device="cpu", backend="onnxruntime")
         onnx_predictor.card["input"]["size"] = list(net_size)
-        configs["onnx"] = ("onnx", image)
+        configs["onnx"] = at_batch(onnx_predictor, "auto")
 
     def run(key, img=None):
-        cfg = configs[key]
-        if callable(cfg):
-            return cfg() if img is None else reference_loop(reference_net, name, card, img, net_size)
-        if key == "onnx":
-            return onnx_predictor.predict_volume(img if img is not None else cfg[1])
-        predictor.batch_size = cfg[0]
-        return predictor.predict_volume(img if img is not None else cfg[1])
+        return configs[key](image if img is None else img)
 
     load_start = _load_average()
     log(f"{name} on {predictor.device}: input {net_size[0]}×{net_size[1]}, {args.slices} slices of "

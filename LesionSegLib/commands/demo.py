@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import List
 from pathlib import Path
+from typing import List
 
 import numpy as np
 

@@ -116,7 +116,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..checkpoint import load as load_checkpoint
     from ..inference import Predictor
     from ..inference import io as lio
-    if args.checkpoint and str(args.checkpoint).lower().endswith(".onnx"):
+    onnx_file = str(args.checkpoint or "").lower().endswith(".onnx")
+    if onnx_file:
         source = str(args.checkpoint)  # an exported graph: the Predictor reads its card (onnxruntime)
     elif args.checkpoint:
         source = load_checkpoint(args.checkpoint, model=args.model, preset=args.preset)
@@ -125,7 +126,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"lesionseg predict: warning: no --checkpoint: {args.model} has random weights "
               f"(for testing the pipeline only)", file=sys.stderr)
         source = models.create(args.model, preset=args.preset)
-    backend = args.backend or ("onnxruntime" if str(args.checkpoint or "").lower().endswith(".onnx") else "torch")
+    backend = args.backend or ("onnxruntime" if onnx_file else "torch")
     predictor = Predictor(source, preset=args.preset, device=args.device, precision=args.precision,
                           batch_size=batch, tta=args.tta, compile=args.compile, backend=backend)
     if not args.quiet:
