@@ -69,6 +69,58 @@ def select_device(device: str = "auto") -> Tuple[torch.device, str]:
     raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
+def cpu_features() -> dict:
+    """The CPU's matrix features that decide precision on the CPU, from PyTorch's own
+    cpuinfo checks (the ones oneDNN dispatches on), with /proc/cpuinfo flags as a
+    fallback for builds without them: ``amx_bf16``, ``avx512_bf16``, ``vnni``
+    (AVX512-VNNI or AVX-VNNI), ``avx512``, ``avx2``, and ``native_bf16`` (AMX or
+    AVX512-BF16: bf16 convolutions run faster than fp32, not emulated)."""
+    checks = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported",
+              "vnni": "_is_vnni_supported", "avx512": "_is_avx512_supported", "avx2": "_is_avx2_supported"}
+    cpu_mod = getattr(torch, "cpu", None)
+    out = {}
+    flags = None
+    for key, fn in checks.items():
+        check = getattr(cpu_mod, fn, None)
+        if check is not None:
+            try:
+                out[key] = bool(check())
+                continue
+            except Exception:
+                pass
+        if flags is None:
+            flags = _proc_cpu_flags()
+        names = {"amx_bf16": ("amx_bf16",), "avx512_bf16": ("avx512_bf16",), "vnni": ("avx512_vnni", "avx_vnni"),
+                 "avx512": ("avx512f",), "avx2": ("avx2",)}[key]
+        out[key] = any(n in flags for n in names)
+    out["native_bf16"] = out["amx_bf16"] or out["avx512_bf16"]
+    return out
+
+
+def _proc_cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark and training headers)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 _PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
 
