@@ -29,7 +29,9 @@ def register(subparsers) -> None:
     src = p.add_argument_group("network")
     src.add_argument("--checkpoint", help="LesionSeg checkpoint or official weight file")
     src.add_argument("--model", help="network name (with --checkpoint: forces it for plain state dicts; "
-                                     "alone: random weights, to test the pipeline)")
+                                     "alone: the installed or shipped weights of that network and preset)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="with --model and no --checkpoint: random weights, to test the pipeline only")
     src.add_argument("--preset", help="task preset (default: the checkpoint's)")
     run = p.add_argument_group("inference")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
@@ -121,11 +123,26 @@ def run_predict(args: argparse.Namespace) -> int:
         source = str(args.checkpoint)  # an exported graph: the Predictor reads its card (onnxruntime)
     elif args.checkpoint:
         source = load_checkpoint(args.checkpoint, model=args.model, preset=args.preset)
-    else:
+    elif args.random_weights:
         from .. import models
-        print(f"lesionseg predict: warning: no --checkpoint: {args.model} has random weights "
+        print(f"lesionseg predict: warning: --random-weights: {args.model} has random weights "
               f"(for testing the pipeline only)", file=sys.stderr)
         source = models.create(args.model, preset=args.preset)
+    else:
+        from .. import weights
+        try:
+            entry = weights.find(args.model, args.preset)
+        except weights.WeightsError as e:
+            print(f"lesionseg predict: error: {e}", file=sys.stderr)
+            return 1
+        if entry is None:
+            print(f"lesionseg predict: error: {weights.no_weights_message(args.model, args.preset)}", file=sys.stderr)
+            return 1
+        if not args.quiet:
+            what = "shipped" if entry.kind == "release" else "installed"
+            print(f"lesionseg predict: using the {what} weights {entry.path}"
+                  + (f" ({entry.preset})" if entry.preset else ""), file=sys.stderr)
+        source = load_checkpoint(entry.path, model=args.model, preset=args.preset or entry.preset)
     backend = args.backend or ("onnxruntime" if onnx_file else "torch")
     predictor = Predictor(source, preset=args.preset, device=args.device, precision=args.precision,
                           batch_size=batch, tta=args.tta, compile=args.compile, backend=backend)

@@ -23,8 +23,11 @@ def register(subparsers) -> None:
                                           "(dotted keys reach into sections, e.g. optimizer.lr=0.01).")
     s.add_argument("--model", required=True, help="network name (lesionseg list)")
     s.add_argument("--preset", help="task preset (default: the card's default preset)")
-    s.add_argument("--data", help="2D folder ({images,masks} | {Imgs,GT[,Edge]} | {image,mask}) or a folder of "
-                                  "volumes (NIfTI/NRRD/MHA with label files)")
+    s.add_argument("--data", nargs="+", help="2D folder ({images,masks} | {Imgs,GT[,Edge]} | {image,mask}) or a "
+                                             "folder of volumes (NIfTI/NRRD/MHA with label files); several 2D "
+                                             "folders train as one set")
+    s.add_argument("--split", help="JSON file with the 'val' (model selection) and 'test' (held out, never "
+                                   "trained on) case ids; default: a seeded case-level split (val_fraction)")
     s.add_argument("--out", help="output folder (checkpoints, log.csv, curves.png)")
     s.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     s.add_argument("--epochs", type=int, help="number of epochs")
@@ -52,6 +55,8 @@ def _overrides(args) -> dict:
         ov["batch_size"] = args.batch_size
     if args.lr is not None:
         ov["optimizer.lr"] = args.lr
+    if args.split is not None:
+        ov["split"] = str(args.split)
     return ov
 
 
@@ -83,12 +88,13 @@ def run(args: argparse.Namespace) -> int:
                 print("\nstopping after this step (Ctrl-C again to abort) …", file=sys.stderr, flush=True)
             previous = signal.signal(signal.SIGINT, handler)
         try:
-            result = train(args.model, args.data, args.out, preset=args.preset, recipe_overrides=overrides or None,
+            data = args.data[0] if len(args.data) == 1 else args.data
+            result = train(args.model, data, args.out, preset=args.preset, recipe_overrides=overrides or None,
                            resume=args.resume, device=args.device, seed=args.seed, cancel=token,
                            pretrained=args.pretrained, verbose=not args.quiet)
         except Cancelled:
-            print(f"lesionseg train: stopped; resume with: lesionseg train --model {args.model} --data {args.data} "
-                  f"--out {args.out} --resume", file=sys.stderr)
+            print(f"lesionseg train: stopped; resume with: lesionseg train --model {args.model} --data "
+                  f"{' '.join(args.data)} --out {args.out} --resume", file=sys.stderr)
             return 130
         finally:
             if previous is not None:

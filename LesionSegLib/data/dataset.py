@@ -65,11 +65,13 @@ def target_spec(model_name: str, preset: Dict[str, Any], model_config: Optional[
 
 
 # --------------------------------------------------------------------------- geometry
-def _theta(in_hw: Size, field_hw: Tuple[float, float], angle_deg: float, hflip: bool, vflip: bool) -> torch.Tensor:
+def _theta(in_hw: Size, field_hw: Tuple[float, float], angle_deg: float, hflip: bool, vflip: bool,
+           centre: Tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
     """Affine map from output to input normalised coordinates (align_corners=False):
-    the output shows a ``field_hw`` window (input pixels) centred on the image, rotated by
-    ``angle_deg`` and flipped, whatever the output size. Built in pixel units so that
-    rotations of non-square images are not sheared."""
+    the output shows a ``field_hw`` window (input pixels) centred on the image (moved by
+    ``centre`` = (dy, dx) pixels), rotated by ``angle_deg`` and flipped, whatever the
+    output size. Built in pixel units so that rotations of non-square images are not
+    sheared."""
     h, w = in_hw
     fh, fw = field_hw
     a = math.radians(angle_deg)
@@ -78,20 +80,22 @@ def _theta(in_hw: Size, field_hw: Tuple[float, float], angle_deg: float, hflip: 
     m = np.diag([2.0 / w, 2.0 / h]) @ rot @ np.diag([fw / 2.0, fh / 2.0]) @ flip
     t = np.zeros((1, 2, 3))
     t[0, :, :2] = m
+    t[0, :, 2] = [2.0 * centre[1] / w, 2.0 * centre[0] / h]
     return torch.as_tensor(t, dtype=torch.float32)
 
 
 def warp(x: torch.Tensor, out_hw: Size, *, field_hw=None, angle: float = 0.0, hflip: bool = False,
-         vflip: bool = False, mode: str = "bilinear") -> torch.Tensor:
+         vflip: bool = False, mode: str = "bilinear", centre: Tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
     """Resample (N, H, W) float maps to ``out_hw``: resize (``field_hw`` None: the whole
-    image) or centre crop/pad (``field_hw`` = ``out_hw`` at matching pixel size), with a
-    rotation and flips, in one ``grid_sample`` (outside the image: 0)."""
+    image) or crop/pad (``field_hw`` = ``out_hw`` at matching pixel size; centred on the
+    image, moved by ``centre`` = (dy, dx) pixels), with a rotation and flips, in one
+    ``grid_sample`` (outside the image: 0)."""
     in_hw = tuple(x.shape[-2:])
     field_hw = in_hw if field_hw is None else field_hw
-    identity = angle == 0 and not hflip and not vflip and tuple(field_hw) == in_hw
+    identity = angle == 0 and not hflip and not vflip and tuple(field_hw) == in_hw and not any(centre)
     if identity and tuple(out_hw) == in_hw:
         return x
-    theta = _theta(in_hw, field_hw, angle, hflip, vflip)
+    theta = _theta(in_hw, field_hw, angle, hflip, vflip, centre)
     grid = F.affine_grid(theta, [1, x.shape[0], int(out_hw[0]), int(out_hw[1])], align_corners=False)
     return F.grid_sample(x[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
 
@@ -131,6 +135,13 @@ class FolderSource:
         p = self.pairs[i]
         # grey saved as RGB is grey for a one-channel network, colour for the others
         img = read_image(p.image, grey_if_equal=int(self.input_spec["channels"]) == 1)
+        if isinstance(p.mask, tuple):  # one binary file per class: (K, H, W) multi-label target
+            lab = np.stack([read_mask(m) for m in p.mask]).astype(np.uint8)
+            for m, layer in zip(p.mask, lab):
+                if img.shape[:2] != layer.shape:
+                    raise DataError(f"{m}: mask is {layer.shape[1]}x{layer.shape[0]} (WxH) but image "
+                                    f"{p.image.name} is {img.shape[1]}x{img.shape[0]}")
+            return img, lab, None
         lab = read_mask(p.mask, self.spec.classes, self.spec.n_classes)
         if img.shape[:2] != lab.shape:
             raise DataError(f"{p.mask}: mask is {lab.shape[1]}x{lab.shape[0]} (WxH) but image {p.image.name} is "
@@ -181,7 +192,8 @@ class FolderSource:
         x = preprocessing.arrange_channels(img, self.input_spec)
         transform = preprocessing.plan_intensity(img, self.input_spec)
         x = _apply_intensity(transform, x)
-        return x, np.asarray(lab, np.int64), edge, None
+        # per-class masks stay uint8 (K, H, W): full-resolution fundus stacks are large
+        return x, (lab if lab.ndim == 3 else np.asarray(lab, np.int64)), edge, None
 
 
 class VolumeSource:
@@ -252,13 +264,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
     sampler's keys) or a plain index (no augmentation, ``size``)."""
 
     def __init__(self, source, spec: TargetSpec, size: Size, augment: Optional[Dict[str, Any]] = None,
-                 mask_interpolation: str = "bilinear", fit: str = "resize"):
+                 mask_interpolation: str = "bilinear", fit: str = "resize", crop_from: Optional[Size] = None):
+        """``fit``: ``resize`` (the whole image to the sample size), ``crop`` (centre crop
+        at the source's pixel size: volumes resampled to the card's spacing), or ``tile``:
+        random crops of the sample size from the image seen at ``crop_from`` (H, W) — the
+        resolution the network is used at, so that full-resolution images (IDRiD fundus,
+        4288×2848) train on tiles while the predictor resizes the whole image to
+        ``crop_from``. Without augmentation (validation) ``tile`` resizes to ``crop_from``."""
         self.source = source
         self.spec = spec
         self.size = tuple(int(s) for s in size)
         self.augment = dict(augment or {})
         self.mask_interpolation = mask_interpolation
         self.fit = fit
+        self.crop_from = tuple(int(v) for v in crop_from) if crop_from else None
+        if fit == "tile" and self.crop_from is None:
+            raise ValueError("fit='tile' needs crop_from (the image size the tiles are cut from)")
 
     def __len__(self) -> int:
         return len(self.source)
@@ -266,17 +287,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def _aug_params(self, seed: Optional[int]) -> Dict[str, Any]:
         a = self.augment
         if seed is None or not a:
-            return {"angle": 0.0, "hflip": False, "vflip": False, "scale": 1.0}
+            return {"angle": 0.0, "hflip": False, "vflip": False, "scale": 1.0, "position": (0.5, 0.5)}
         rng = np.random.default_rng(seed)
         # draw every parameter whether or not it is enabled, so that enabling one option
         # does not change the others' random streams
-        u = rng.random(4)
+        u = rng.random(6)  # the last two: the tile position (fit="tile")
         rot = float(a.get("rotate", 0) or 0)
         lo, hi = a.get("scale") or (1.0, 1.0)
         return {"hflip": bool(u[0] < float(a.get("hflip", 0) or 0)),
                 "vflip": bool(u[1] < float(a.get("vflip", 0) or 0)),
                 "angle": (2 * u[2] - 1) * rot,
-                "scale": float(lo + (hi - lo) * u[3])}
+                "scale": float(lo + (hi - lo) * u[3]),
+                "position": (float(u[4]), float(u[5]))}
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
@@ -286,29 +308,39 @@ class SegmentationDataset(torch.utils.data.Dataset):
         x, lab, edge, _ = self.source.load(index)
         p = self._aug_params(seed)
         spec = self.spec
-        h, w = lab.shape
-        if self.fit == "crop":
+        h, w = lab.shape[-2:]
+        centre = (0.0, 0.0)
+        if self.fit == "tile" and seed is None:
+            size = self.crop_from  # validation: the whole image at the resolution of use
+            field = (h / p["scale"], w / p["scale"])
+        elif self.fit == "tile":
+            sy, sx = h / self.crop_from[0], w / self.crop_from[1]
+            field = (size[0] * sy / p["scale"], size[1] * sx / p["scale"])
+            # the tile's centre anywhere that keeps the tile inside the image
+            centre = tuple((u - 0.5) * max(0.0, extent - f) for u, extent, f in zip(p["position"], (h, w), field))
+        elif self.fit == "crop":
             field = (size[0] / p["scale"], size[1] / p["scale"])
         else:
             field = (h / p["scale"], w / p["scale"])
-        image = warp(torch.from_numpy(np.ascontiguousarray(x)), size, field_hw=field, angle=p["angle"],
-                     hflip=p["hflip"], vflip=p["vflip"])
-        if self.mask_interpolation == "nearest":
+        geo = dict(field_hw=field, angle=p["angle"], hflip=p["hflip"], vflip=p["vflip"], centre=centre)
+        image = warp(torch.from_numpy(np.ascontiguousarray(x)), size, **geo)
+        if lab.ndim == 3:  # multi-label (K, H, W): each class its own channel, overlaps kept
+            mode = "nearest" if self.mask_interpolation == "nearest" else "bilinear"
+            fg = warp(torch.from_numpy(np.ascontiguousarray(lab)).float(), size, mode=mode, **geo).clamp(0, 1)
+        elif self.mask_interpolation == "nearest":
             lab_t = torch.from_numpy(np.ascontiguousarray(lab)).long()
-            lab_w = warp(lab_t[None].float(), size, field_hw=field, angle=p["angle"], hflip=p["hflip"],
-                         vflip=p["vflip"], mode="nearest")[0].round().long()
+            lab_w = warp(lab_t[None].float(), size, mode="nearest", **geo)[0].round().long()
             fg = F.one_hot(lab_w, spec.n_classes + 1).permute(2, 0, 1)[1:].float()
         else:
             onehot = torch.from_numpy(np.stack([lab == c for c in range(1, spec.n_classes + 1)]).astype(np.float32))
-            fg = warp(onehot, size, field_hw=field, angle=p["angle"], hflip=p["hflip"], vflip=p["vflip"]).clamp(0, 1)
+            fg = warp(onehot, size, **geo).clamp(0, 1)
         bg = (1 - fg.sum(0, keepdim=True)).clamp(0, 1)
         label = torch.cat([bg, fg]).argmax(0)
         sample = {"image": image.contiguous(), "mask": (torch.cat([bg, fg]) if spec.softmax else fg).contiguous(),
                   "label": label, "index": torch.tensor(index)}
         if spec.edges:
             e = derive_edge(lab) if edge is None else edge
-            sample["edge"] = warp(torch.from_numpy(e.astype(np.float32))[None], size, field_hw=field, angle=p["angle"],
-                                  hflip=p["hflip"], vflip=p["vflip"]).clamp(0, 1)
+            sample["edge"] = warp(torch.from_numpy(e.astype(np.float32))[None], size, **geo).clamp(0, 1)
         return sample
 
 

@@ -55,7 +55,7 @@ NUMBER_BLOCK = 10
 class ImagePair:
     """One 2D training sample on disk."""
     image: Path
-    mask: Path
+    mask: Union[Path, Tuple[Path, ...]]  # a tuple: one file per class (multi-label targets)
     edge: Optional[Path] = None
     case: str = ""
     key: str = ""
@@ -124,21 +124,30 @@ def _match(images: Path, masks: Path) -> Tuple[Dict[str, Path], Dict[str, Path],
     return exact_i, exact_m, str
 
 
+#: header names of the case column in a case table (``cases.csv`` or ClinicDB's ``sequences.csv``)
+CASE_COLUMNS = ("case", "sequence", "patient", "subject", "group")
+CASE_TABLES = ("cases.csv", "sequences.csv")
+
+
 def _read_case_file(path: Path) -> Dict[str, str]:
+    """``file → case`` from a CSV table: ``file,case`` rows, or a header naming the file
+    column (file, image, name, stem) and a case column (:data:`CASE_COLUMNS`, e.g.
+    CVC-ClinicDB's ``file,frame,sequence``)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+            rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
     except OSError as e:
         raise DataError(f"{path}: cannot read the case table ({e})") from None
+    file_col, case_col = 0, 1
+    if rows and rows[0][0].strip().lower() in ("file", "image", "name", "stem"):
+        header = [h.strip().lower() for h in rows[0]]
+        case_col = next((header.index(c) for c in CASE_COLUMNS if c in header), 1)
+        rows = rows[1:]
     table: Dict[str, str] = {}
     for i, row in enumerate(rows):
-        if not row or row[0].startswith("#"):
-            continue
-        if len(row) < 2:
-            raise DataError(f"{path}: line {i + 1}: expected 'file,case'")
-        if i == 0 and row[0].strip().lower() in ("file", "image", "name", "stem"):
-            continue
-        table[Path(row[0].strip()).stem] = row[1].strip()
+        if len(row) <= max(file_col, case_col):
+            raise DataError(f"{path}: row {i + 1} ({','.join(row)}): expected a file name and a case")
+        table[Path(row[file_col].strip()).stem] = row[case_col].strip()
     return table
 
 
@@ -201,10 +210,61 @@ def folder_pairs(root, *, case_regex: Optional[str] = None, cases=None, number_b
     if not keys:
         raise DataError(f"{layout.root}: no image has a mask with the same name stem "
                         f"(e.g. image {next(iter(imgs.values())).name}, mask {next(iter(masks.values())).name})")
-    if cases is None and (layout.root / "cases.csv").is_file():
-        cases = layout.root / "cases.csv"
+    if cases is None and case_regex is None:
+        cases = case_table(layout.root)
     ids, _ = case_ids(keys, case_regex, cases, number_block, where=str(layout.root))
     return [ImagePair(imgs[k], masks[k], edges.get(k), ids[k], k) for k in keys]
+
+
+def case_table(root) -> Optional[Path]:
+    """The case table of a 2D folder (:data:`CASE_TABLES`), or None."""
+    return next((Path(root) / n for n in CASE_TABLES if (Path(root) / n).is_file()), None)
+
+
+def class_mask_pairs(root, suffixes: Sequence[str], *, case_regex: Optional[str] = None, cases=None,
+                     number_block: int = NUMBER_BLOCK) -> List[ImagePair]:
+    """Pairs of a folder with one mask file per class and image (IDRiD:
+    ``images/IDRiD_01.jpg`` with ``masks/IDRiD_01_EX.png``, ``…_HE.png``, …): each pair's
+    ``mask`` is a tuple of paths in the order of ``suffixes`` (the network's channels).
+    Mask files of other classes (IDRiD's optic disc ``_OD``) are ignored; a missing class
+    file is an error naming it (an absent lesion is an all-zero file)."""
+    layout = detect_layout(root)
+    imgs = _files_by(layout.images, str)
+    if not imgs:
+        raise DataError(f"{layout.images}: no image files")
+    mask_files = _files_by(layout.masks, str)
+    pairs_keys, missing = [], []
+    for k in sorted(imgs, key=_natural_key):
+        found = [mask_files.get(f"{k}_{s}") for s in suffixes]
+        if not any(found):
+            continue
+        if not all(found):
+            missing.extend(f"{k}_{s}" for s, f in zip(suffixes, found) if f is None)
+        pairs_keys.append((k, tuple(found)))
+    if missing:
+        raise DataError(f"{layout.masks}: no mask file for {', '.join(missing[:5])}"
+                        f"{' …' if len(missing) > 5 else ''} (one file per class and image; an absent lesion "
+                        f"is an all-zero mask)")
+    if not pairs_keys:
+        raise DataError(f"{layout.masks}: no per-class mask files <image>_<class> for the classes "
+                        f"{', '.join(suffixes)}")
+    keys = [k for k, _ in pairs_keys]
+    if cases is None and case_regex is None:
+        cases = case_table(layout.root)
+    ids, _ = case_ids(keys, case_regex, cases, number_block, where=str(layout.root))
+    return [ImagePair(imgs[k], m, None, ids[k], k) for k, m in pairs_keys]
+
+
+def has_class_masks(root, suffixes: Sequence[str]) -> bool:
+    """True when ``root``'s mask folder holds per-class files ``<stem>_<suffix>``."""
+    if not suffixes:
+        return False
+    try:
+        layout = detect_layout(root)
+    except DataError:
+        return False
+    stems = {p.stem for p in layout.masks.iterdir() if is_image_file(p)}
+    return any(f"{p.stem}_{suffixes[0]}" in stems for p in layout.images.iterdir() if is_image_file(p))
 
 
 def describe_cases(keys: Sequence[str], case_regex=None, cases=None, number_block=NUMBER_BLOCK) -> str:

@@ -78,3 +78,34 @@ def kfold_splits(items: Sequence[Any], k: int = 5, seed: int = 0,
         val = set(folds[f])
         out.append(([it for i, it in enumerate(items) if i not in val], [it for i, it in enumerate(items) if i in val]))
     return out
+
+
+def explicit_split(items: Sequence[Any], split, case_of: Optional[Callable[[Any], str]] = None):
+    """``(train, validation, test cases)`` from a fixed split: a dict or a JSON file with
+    ``val`` and optional ``test`` lists of case ids. Test cases are left out of training
+    and validation entirely (held out for the final metrics); every other case trains.
+    A listed case that the data does not have is an error (a typo would silently move a
+    case into training)."""
+    import json
+    from pathlib import Path
+    if isinstance(split, (str, Path)):
+        path = Path(split)
+        try:
+            split = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the split file ({e})") from None
+    if not isinstance(split, dict) or not isinstance(split.get("val"), list):
+        raise DataError("a split must be a JSON object with a 'val' list of case ids (and optionally 'test')")
+    groups = _groups(items, case_of)
+    val, test = {str(c) for c in split["val"]}, {str(c) for c in split.get("test") or []}
+    unknown = sorted((val | test) - set(groups))
+    if unknown:
+        raise DataError(f"the split names {len(unknown)} case(s) the data does not have: {', '.join(unknown[:5])}")
+    if val & test:
+        raise DataError(f"the split lists case(s) in both val and test: {', '.join(sorted(val & test)[:5])}")
+    case = {i: c for c, idx in groups.items() for i in idx}
+    train = [it for i, it in enumerate(items) if case[i] not in val and case[i] not in test]
+    validation = [it for i, it in enumerate(items) if case[i] in val]
+    if not train:
+        raise DataError("the split leaves no case for training")
+    return train, validation, test

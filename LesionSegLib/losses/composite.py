@@ -287,10 +287,15 @@ class LSegLoss(SegmentationLoss):
 
     def forward(self, outputs, batch) -> torch.Tensor:
         outs = self._split(outputs)
-        label = self._label(batch, outs[0])
-        positives = None
-        if label is None:
+        # the per-channel mask keeps overlapping classes (an MA inside an exudate), which a
+        # label map cannot; for non-overlapping targets both give the same positives
+        positives, label = None, None
+        if isinstance(batch.get("mask"), torch.Tensor) and batch["mask"].shape[1] == outs[0].shape[1]:
             positives = self._mask(batch, outs[0], f"output {self.output_names[0]!r}") >= 0.5
+        else:
+            label = self._label(batch, outs[0])
+            if label is None:
+                positives = self._mask(batch, outs[0], f"output {self.output_names[0]!r}") >= 0.5
         comps: Dict[str, torch.Tensor] = {}
         total = 0.0
         for name, pred in zip(self.output_names, outs):

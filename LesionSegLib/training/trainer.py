@@ -17,16 +17,18 @@ saved state with results bit-identical to an uninterrupted run on the same machi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,8 +39,8 @@ from .. import models
 from ..data import DataError
 from ..data.dataset import (EpochBatchSampler, FolderSource, SegmentationDataset, TargetSpec, VolumeSource,
                             collate, target_spec)
-from ..data.folders import case_ids, detect_layout, folder_pairs
-from ..data.splits import case_split, kfold_splits
+from ..data.folders import case_ids, case_table, class_mask_pairs, detect_layout, folder_pairs, has_class_masks
+from ..data.splits import case_split, explicit_split, kfold_splits
 from ..data.volumes import VolumeCase, VolumePair, is_volume_file, load_case, memory_case, volume_pairs
 from .distributed import DistEnv
 from .recipes import RecipeError, load_recipe
@@ -75,6 +77,61 @@ def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
+def _folder_list(data) -> List[Path]:
+    """The 2D training folders in ``data`` (one folder, or a list of folders), else []."""
+    if _is_path(data):
+        paths = [Path(data)]
+    elif isinstance(data, (list, tuple)) and data and all(_is_path(d) for d in data):
+        paths = [Path(d) for d in data]
+    else:
+        return []
+    if len(paths) == 1:
+        try:
+            detect_layout(paths[0])
+        except DataError:
+            return []
+        return paths
+    for p in paths:
+        detect_layout(p)  # several folders: each must be a 2D folder (the error names it)
+    return paths
+
+
+def folder_items(folders: List[Path], spec: TargetSpec, recipe: Dict[str, Any], desc: Dict[str, Any]) -> list:
+    """The pairs of one or several 2D folders (several train as one set: Kvasir-SEG +
+    CVC-ClinicDB, the papers' polyp training set; each case id is then prefixed with its
+    folder's name). Multi-label networks read per-class mask files where a folder has them."""
+    suffixes = class_suffixes(spec) if spec.multi_label else ()
+    items, rules, layouts = [], [], []
+    regex, block = recipe.get("case_regex"), recipe.get("number_block", 10)
+    for root in folders:
+        layouts.append(detect_layout(root).name)
+        per_class = bool(suffixes) and has_class_masks(root, suffixes)
+        its = (class_mask_pairs(root, suffixes, case_regex=regex, number_block=block) if per_class
+               else folder_pairs(root, case_regex=regex, number_block=block))
+        rule = case_ids([p.key for p in its], regex, case_table(root) if regex is None else None, block)[1]
+        if per_class:
+            rule += f"; one mask file per class: <image>_{{{','.join(suffixes)}}}"
+        if len(folders) > 1:
+            its = [dataclasses.replace(it, case=f"{root.name}/{it.case}") for it in its]
+        items.extend(its)
+        rules.append(rule)
+    one = len(folders) == 1
+    desc.update({"kind": "folder", "root": str(folders[0].resolve()) if one else [str(r.resolve()) for r in folders],
+                 "layout": layouts[0] if one else layouts, "case_rule": rules[0] if one else rules})
+    return items
+
+
+def class_suffixes(spec: TargetSpec) -> Tuple[str, ...]:
+    """File-name suffixes of per-class mask files, from the class names of the preset:
+    the abbreviation in brackets ("Hard exudate (EX)" → "EX"), else the name."""
+    out = []
+    for c in spec.classes:
+        name = str(c.get("name", ""))
+        m = re.search(r"\(([A-Za-z0-9]+)\)\s*$", name)
+        out.append(m.group(1) if m else name)
+    return tuple(out)
+
+
 def _input_spec(name: str, preset_dict: Dict[str, Any], context: int) -> Dict[str, Any]:
     """The preset's input entry, with the 2.5D context recorded the way the predictor
     reads it: ``channels`` stays the per-slice count (1) and ``slice_context`` says that
@@ -106,29 +163,19 @@ def prepare_data(data, name: str, preset_dict: Dict[str, Any], input_spec: Dict[
         raise RecipeError(f"slices.fit spacing needs input.pixel_spacing_mm in the card of {name}")
     desc: Dict[str, Any] = {}
     kind = None
-    if _is_path(data):
+    folders = _folder_list(data)
+    if folders:
+        kind = "folder"
+        items = folder_items(folders, spec, recipe, desc)
+    elif _is_path(data):
         root = Path(data)
         if not root.exists():
             raise DataError(f"{root}: no such file or folder")
-        try:
-            layout = detect_layout(root)
-            kind = "folder"
-        except DataError as e2d:
-            if root.is_dir() and any(is_volume_file(p) for p in root.rglob("*")):
-                kind = "volumes"
-                items = volume_pairs(root, recipe.get("modality"))
-            else:
-                raise e2d
-        if kind == "folder":
-            items = folder_pairs(root, case_regex=recipe.get("case_regex"), number_block=recipe.get("number_block", 10))
-            keys = [p.key for p in items]
-            cases_csv = root / "cases.csv"
-            desc.update({"kind": "folder", "root": str(root.resolve()), "layout": layout.name,
-                         "case_rule": case_ids(keys, recipe.get("case_regex"),
-                                               cases_csv if cases_csv.is_file() else None,
-                                               recipe.get("number_block", 10))[1]})
-        else:
-            desc.update({"kind": "volumes", "root": str(root.resolve()), "case_rule": "one volume = one case"})
+        if not (root.is_dir() and any(is_volume_file(p) for p in root.rglob("*"))):
+            detect_layout(root)  # raises the error that lists the 2D layouts
+        kind = "volumes"
+        items = volume_pairs(root, recipe.get("modality"))
+        desc.update({"kind": "volumes", "root": str(root.resolve()), "case_rule": "one volume = one case"})
     elif isinstance(data, (list, tuple)) and data:
         first = data[0]
         if isinstance(first, (tuple, list)) and len(first) == 2 and all(_is_path(v) for v in first):
@@ -152,7 +199,11 @@ def prepare_data(data, name: str, preset_dict: Dict[str, Any], input_spec: Dict[
         raise DataError("slices.context (2.5D) needs 3D volumes; 2D image folders have no neighbouring slices")
 
     folds, fold = recipe.get("folds"), recipe.get("fold")
-    if folds:
+    if recipe.get("split"):
+        train_items, val_items, test_cases = explicit_split(items, recipe["split"])
+        desc["split"] = {"kind": "explicit", "source": recipe["split"] if isinstance(recipe["split"], str) else "recipe",
+                         "held_out_test_cases": sorted(test_cases)}
+    elif folds:
         splits = kfold_splits(items, int(folds), seed)
         f = int(fold or 0)
         if not 0 <= f < int(folds):
@@ -176,7 +227,7 @@ def prepare_data(data, name: str, preset_dict: Dict[str, Any], input_spec: Dict[
     if kind == "folder":
         train = FolderSource(train_items, input_spec, spec)
         val = FolderSource(val_items, input_spec, spec) if val_items else None
-        fit = "resize"
+        fit = "tile" if recipe.get("tile_from") else "resize"
         desc["files"] = {"train": [str(p.image.name) for p in train_items], "val": [str(p.image.name) for p in val_items]}
     else:
         def load(its):
@@ -239,6 +290,16 @@ def dice_iou_from_counts(c: np.ndarray):
     dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
     iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     return float(dice.mean()), float(iou.mean())
+
+
+def dice_iou_channels(pred: torch.Tensor, target: torch.Tensor):
+    """Per item, the mean over channels of Dice and IoU of binary (B, K, H, W) maps (1 for a
+    channel empty in both), as float64 (B,) tensors."""
+    p, t = pred.flatten(2).double(), target.flatten(2).double()
+    inter, total = (p * t).sum(2), p.sum(2) + t.sum(2)
+    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    iou = torch.where(total - inter > 0, inter / (total - inter).clamp(min=1), torch.ones_like(total))
+    return dice.mean(1).cpu(), iou.mean(1).cpu()
 
 
 def predict_labels(out: torch.Tensor, spec: TargetSpec, threshold: float) -> torch.Tensor:
@@ -348,6 +409,11 @@ def _amp(recipe_amp, device: torch.device):
     if device.type != "cuda":
         if recipe_amp == "bf16":
             return torch.bfloat16, False
+        if recipe_amp == "auto" and device.type == "cpu":
+            from ..inference.runtime import cpu_features
+            # bf16 autocast only where the CPU computes bf16 natively (AMX, AVX512-BF16):
+            # elsewhere it is emulated and slower than fp32
+            return (torch.bfloat16 if cpu_features()["native_bf16"] else None), False
         return None, False
     if recipe_amp == "fp16":
         return torch.float16, True
@@ -475,7 +541,8 @@ def train(model_name: str, data, out_dir, preset: Optional[str] = None,
     _check_sizes(name, input_spec, sizes + [size])
     # the checkpoint's card records the size the network was trained (and validated) at, so
     # the predictor resizes to it; a run at a non-card size must not be fed card-size slices
-    input_spec["size"] = list(size)
+    # (tiles: the image size the tiles were cut from, which is what the network sees whole)
+    input_spec["size"] = list(recipe["tile_from"]) if recipe.get("tile_from") else list(size)
 
     dev = _pick_device(device)
     if dist.enabled and dev.type == "cuda":
@@ -551,8 +618,9 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
                                 weights=getattr(prepared.train, "weights", None),
                                 rank=dist.rank, world_size=dist.world_size,
                                 augment=bool(recipe.get("augment")), epoch_length=recipe.get("epoch_length"))
+    tile_from = recipe.get("tile_from") if prepared.fit == "tile" else None
     train_ds = SegmentationDataset(prepared.train, spec, size, recipe.get("augment"),
-                                   recipe.get("mask_interpolation", "bilinear"), prepared.fit)
+                                   recipe.get("mask_interpolation", "bilinear"), prepared.fit, tile_from)
 
     def make_loader(ds, batch_sampler):
         # a private generator: the loader never draws from the global torch RNG, which
@@ -564,7 +632,7 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
 
     val_ds = None
     if prepared.val is not None:
-        val_ds = SegmentationDataset(prepared.val, spec, size, None, "nearest", prepared.fit)
+        val_ds = SegmentationDataset(prepared.val, spec, size, None, "nearest", prepared.fit, tile_from)
 
     # ---- state
     epoch, step_in_epoch, global_step = 0, 0, 0
@@ -850,7 +918,7 @@ def _validate(ddp_model, model, val_ds, loss_fn, spec, threshold, dev, dist: Dis
     and add their counts. None when cancelled."""
     n = len(val_ds)
     source = val_ds.source
-    per_case = source.kind != "folder"  # volumes: one score per case, its slices summed
+    per_case = source.kind != "folder" and not spec.multi_label  # volumes: one score per case, its slices summed
     item_names = sorted({source.case(i) for i in range(n)}) if per_case else None
     item_index = {c: j for j, c in enumerate(item_names)} if per_case else None
     table = torch.zeros(len(item_names) if per_case else 1, spec.n_classes, 3, dtype=torch.float64)
@@ -875,6 +943,12 @@ def _validate(ddp_model, model, val_ds, loss_fn, spec, threshold, dev, dist: Dis
                 outputs = model(x)  # the bare module: no DDP synchronisation in evaluation
                 loss = loss_fn(outputs, batch)
             loss_sum += torch.tensor([float(loss) * len(idx), len(idx)], dtype=torch.float64)
+            if spec.multi_label:
+                # overlapping classes: each channel is its own binary map
+                prob = torch.sigmoid(models.inference_output(name, outputs).float())
+                d, u = dice_iou_channels(prob >= threshold, batch["mask"] >= 0.5)
+                image_scores += torch.stack([d.sum(), u.sum(), torch.tensor(float(len(idx)), dtype=torch.float64)])
+                continue
             pred = predict_labels(models.inference_output(name, outputs), spec, threshold)
             if per_case:
                 c = counts(pred, batch["label"], spec.n_classes).cpu()

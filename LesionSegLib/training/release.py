@@ -1,0 +1,132 @@
+"""From a training run to shipped weights: held-out evaluation through the predictor
+(the path ``lesionseg predict`` takes), the fp16 release file, its model card and the
+manifest of ``weights/``.
+
+The held-out metrics are computed on the ``test`` cases of the run's split file, which
+the run never trained on nor selected its checkpoint with. They are computed the way a
+user gets predictions: :class:`LesionSegLib.inference.Predictor` on the original image
+files, at their own resolution, with the card's threshold. Binary and softmax networks
+are scored per image (Dice, IoU, HD95 in pixels for photographs); L-Seg's four
+overlapping classes are scored per class from their own probability maps, with the area
+under the precision–recall curve pooled over all test pixels of a class (IDRiD's
+protocol, L-Seg's mAUC being its mean over the classes).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .. import metrics as M
+from ..data.folders import ImagePair
+from ..data.images import read_image, read_mask
+from ..fileio import atomic_path
+
+PER_IMAGE = ("dice", "iou", "hd95")
+
+
+@dataclass
+class HeldOut:
+    """Held-out scores: per image and class, per-class summaries, and the overall line."""
+    per_image: List[Dict[str, Any]]
+    per_class: Dict[str, Dict[str, float]]
+    summary: Dict[str, float]
+
+
+def heldout_pairs(items: Sequence[ImagePair], split) -> List[ImagePair]:
+    """The pairs of the ``test`` cases of ``split`` (a dict or JSON file)."""
+    if not isinstance(split, dict):
+        split = json.loads(Path(split).read_text(encoding="utf-8"))
+    test = set(split.get("test") or [])
+    return [it for it in items if it.case in test]
+
+
+def _nanmean(values) -> float:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def evaluate_heldout(predictor, pairs: Sequence[ImagePair], progress=None) -> HeldOut:
+    """Segment every held-out image with ``predictor`` and score it against its mask."""
+    classes = predictor.classes
+    multi = bool(predictor.card["outputs"].get("multi_label"))
+    names = [c["name"] for c in classes]
+    rows: List[Dict[str, Any]] = []
+    pooled = {c["value"]: [] for c in classes}
+    for n, pair in enumerate(pairs):
+        image = read_image(pair.image)
+        pred = predictor.predict_image(image, return_probabilities=multi)
+        if isinstance(pair.mask, tuple):
+            gt = {c["value"]: read_mask(m).astype(bool) for c, m in zip(classes, pair.mask)}
+        else:
+            lab = read_mask(pair.mask, classes, len(classes))
+            gt = {c["value"]: lab == c["value"] for c in classes}
+        if multi:
+            masks = {c["value"]: pred.probabilities[i] >= predictor.threshold for i, c in enumerate(classes)}
+            for i, c in enumerate(classes):
+                pooled[c["value"]].append(M.score_counts(pred.probabilities[i], gt[c["value"]]))
+        else:
+            masks = {c["value"]: pred.labels == c["value"] for c in classes}
+        case = M.evaluate_case(masks, gt, classes=[c["value"] for c in classes])
+        for c in classes:
+            m = case["classes"][c["value"]]
+            rows.append({"image": pair.image.name, "case": pair.case, "class": c["name"],
+                         "reference_pixels": int(gt[c["value"]].sum()), **{k: m.get(k) for k in PER_IMAGE}})
+        if progress:
+            progress(n + 1, len(pairs))
+    per_class: Dict[str, Dict[str, float]] = {}
+    for c, name in zip(classes, names):
+        mine = [r for r in rows if r["class"] == name]
+        with_lesion = [r for r in mine if r["reference_pixels"] > 0]
+        entry = {"images": len(mine), "images_with_lesion": len(with_lesion),
+                 # images without the lesion score 1 when nothing is predicted (metrics.py's
+                 # rule); the lesion-bearing mean is the stricter figure and is reported too
+                 "dice": _nanmean(r["dice"] for r in mine), "iou": _nanmean(r["iou"] for r in mine),
+                 "dice_lesion_images": _nanmean(r["dice"] for r in with_lesion),
+                 "hd95_px": _nanmean(r["hd95"] for r in with_lesion)}
+        if multi:
+            counts = pooled[c["value"]]
+            entry["aupr"] = M.aupr_from_counts(np.concatenate([v for v, _, _ in counts]),
+                                               np.concatenate([p for _, p, _ in counts]),
+                                               np.concatenate([q for _, _, q in counts]))
+        per_class[name] = entry
+    summary = {"images": len(pairs),
+               "dice": _nanmean(e["dice"] for e in per_class.values()),
+               "iou": _nanmean(e["iou"] for e in per_class.values()),
+               "hd95_px": _nanmean(e["hd95_px"] for e in per_class.values())}
+    if multi:
+        summary["mean_aupr"] = _nanmean(e["aupr"] for e in per_class.values())
+    return HeldOut(rows, per_class, summary)
+
+
+# ------------------------------------------------------------------------- release files
+def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info: Dict[str, Any]) -> Dict[str, Any]:
+    """Write ``<out_dir>/<name>.pt`` (the checkpoint with fp16 tensors) and add or replace
+    its entry in ``<out_dir>/manifest.json``; returns the entry. ``info``: what the card
+    and manifest say about training (data, split, budget, hardware, licence)."""
+    from .. import checkpoint as ckpt
+    from ..weights import MANIFEST_FORMAT, MANIFEST_NAME, release_manifest, sha256_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ck = ckpt.load(checkpoint_path)
+    model = ck.model.half()  # half precision halves the file; loading casts back to fp32
+    provenance = dict(ck.provenance, heldout=heldout.summary, heldout_per_class=heldout.per_class,
+                      release=info)
+    target = out_dir / f"{name}.pt"
+    ckpt.save(target, model, card=ck.card, config=ck.config, provenance=provenance)
+    entry = {"file": target.name, "model": ck.name, "preset": ck.card["preset"]["name"],
+             "sha256": sha256_file(target), "size": target.stat().st_size, "dtype": "float16",
+             "card": f"{name}.md", "date": _dt.date.today().isoformat(),
+             "metrics": {"heldout": heldout.summary}, "training": info}
+    manifest = release_manifest(out_dir)
+    manifest = {"format": MANIFEST_FORMAT, "version": 1,
+                "files": [f for f in manifest["files"] if f["file"] != entry["file"]] + [entry]}
+    manifest["files"].sort(key=lambda f: f["file"])
+    with atomic_path(out_dir / MANIFEST_NAME) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return entry

@@ -1,0 +1,135 @@
+"""Shipped weights: a run becomes a release file (fp16, manifest with SHA-256, held-out
+metrics computed through the predictor); ``lesionseg predict --model M --preset P``
+without a checkpoint finds them and says so; a damaged file is refused; a preset without
+weights is a clear error; random weights only on request. The repository's own
+``weights/`` is checked against its manifest, and one shipped network's held-out metric is
+reproduced on real data (skipped when ../shared/data is absent)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LesionSegLib import checkpoint, weights
+from LesionSegLib.data import folder_pairs
+from LesionSegLib.inference import Predictor
+from LesionSegLib.training.release import evaluate_heldout, heldout_pairs, write_release
+
+from conftest import SHARED_DATA
+from test_inference_geometry import shifted_threshold_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lesionseg(*args, env=None):
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "LesionSegLib", *map(str, args)], capture_output=True, text=True,
+                          env=e, timeout=240)
+
+
+def _squares(root: Path, n: int = 3):
+    """Grey images with one bright square each and its 0/255 mask."""
+    for i in range(n):
+        img = np.full((48, 64), 40, np.uint8)
+        m = np.zeros_like(img)
+        img[10 + i:22 + i, 20:36] = 250
+        m[10 + i:22 + i, 20:36] = 255
+        for sub, arr in (("images", img), ("masks", m)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(sitk.GetImageFromArray(arr), str(root / sub / f"case{i}_1.png"))
+    return root
+
+
+@pytest.fixture
+def release(tmp_path):
+    """A release folder with one U-Net file whose network thresholds the image, and an
+    empty user cache (so that only shipped weights can be found)."""
+    data = _squares(tmp_path / "data")
+    run_ck = checkpoint.save(tmp_path / "run" / "best.pt", shifted_threshold_unet(dy=0, dx=0), preset="covid-ct")
+    pairs = heldout_pairs(folder_pairs(data), {"val": [], "test": ["case1", "case2"]})
+    assert [p.case for p in pairs] == ["case1", "case2"]
+    heldout = evaluate_heldout(Predictor(str(run_ck), device="cpu"), pairs)
+    entry = write_release(run_ck, tmp_path / "weights", name="unet-covid-ct", heldout=heldout,
+                          info={"data": "squares", "budget": "none"})
+    env = {weights.RELEASE_ENV_VAR: str(tmp_path / "weights"), weights.ENV_VAR: str(tmp_path / "cache")}
+    return tmp_path, data, entry, heldout, env
+
+
+def test_release_file_is_fp16_with_manifest_and_heldout_metrics(release):
+    tmp, _, entry, heldout, _ = release
+    assert heldout.summary["images"] == 2 and heldout.summary["dice"] == pytest.approx(1.0)
+    manifest = json.loads((tmp / "weights" / "manifest.json").read_text())
+    (f,) = manifest["files"]
+    path = tmp / "weights" / f["file"]
+    assert f["sha256"] == weights.sha256_file(path) and f["size"] == path.stat().st_size
+    assert f["model"] == "unet" and f["preset"] == "covid-ct" and f["metrics"]["heldout"]["dice"] == 1.0
+    import torch
+    raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    floats = [v for v in raw["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert raw["provenance"]["heldout"]["dice"] == 1.0
+
+
+def test_predict_without_checkpoint_uses_the_shipped_weights_and_says_so(release):
+    tmp, data, entry, _, env = release
+    out = tmp / "out"
+    r = lesionseg("predict", "--model", "unet", "--preset", "covid-ct", "--no-csv", data / "images", "-o", out,
+                  env=env)
+    assert r.returncode == 0, r.stderr
+    assert "using the shipped weights" in r.stderr and "unet-covid-ct.pt" in r.stderr
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case1_1_label.png")))
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "masks" / "case1_1.png"))) > 0
+    assert np.array_equal(lab > 0, ref)
+
+
+def test_a_damaged_shipped_file_is_refused(release):
+    tmp, data, entry, _, env = release
+    path = tmp / "weights" / entry["file"]
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    r = lesionseg("predict", "--model", "unet", "--preset", "covid-ct", data / "images", "-o", tmp / "out", env=env)
+    assert r.returncode == 1 and "damaged or was replaced" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp / "out").exists()
+
+
+def test_no_weights_for_a_preset_is_a_clear_error_and_random_weights_are_explicit(release):
+    tmp, data, _, _, env = release
+    r = lesionseg("predict", "--model", "unet", "--preset", "polyp", data / "images", "-o", tmp / "out", env=env)
+    assert r.returncode == 1
+    assert "no weights for U-Net (polyp)" in r.stderr and "ships U-Net weights for: covid-ct" in r.stderr
+    assert "--random-weights" in r.stderr and not (tmp / "out").exists()
+    # explicit random weights even where shipped ones exist
+    r = lesionseg("predict", "--model", "unet", "--preset", "covid-ct", "--random-weights", "--no-csv",
+                  data / "images", "-o", tmp / "out", env=env)
+    assert r.returncode == 0 and "random weights" in r.stderr and "shipped" not in r.stderr
+
+
+def test_installed_weights_take_precedence_over_shipped_ones(release, monkeypatch):
+    tmp, _, _, _, env = release
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert weights.find("unet", "covid-ct").kind == "release"
+    own = checkpoint.save(tmp / "mine.pt", shifted_threshold_unet(dy=0, dx=0), preset="covid-ct")
+    weights.import_checkpoint(own)
+    assert weights.find("unet", "covid-ct").kind != "release"
+
+
+# ------------------------------------------------------------------ the repository's weights/
+MANIFEST = ROOT / "weights" / "manifest.json"
+
+
+def test_repository_release_files_match_their_manifest_and_cards():
+    manifest = weights.release_manifest(ROOT / "weights")
+    total = 0
+    for f in manifest["files"]:
+        path = ROOT / "weights" / f["file"]
+        assert path.is_file(), f"{f['file']} listed in the manifest but missing"
+        assert weights.sha256_file(path) == f["sha256"] and path.stat().st_size == f["size"]
+        assert (ROOT / "weights" / f["card"]).is_file()
+        total += f["size"]
+    assert total <= 150e6, f"shipped weights are {total / 1e6:.1f} MB (limit 150 MB)"

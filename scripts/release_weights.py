@@ -1,0 +1,123 @@
+"""Turn a training run into shipped weights: evaluate its ``best.pt`` on the held-out
+test cases of its split (through the predictor, as ``lesionseg predict`` does), write the
+fp16 release file and its model card into ``weights/``, and update ``weights/manifest.json``.
+
+    python scripts/release_weights.py RUN_DIR --name m2snet-polyp \
+        --budget "…" --licence "…" [--out weights] [--note "…"]
+
+The data folders, the case rule and the split are read from the run (``data.json``,
+``recipe.json``), so the test cases are exactly those the run held out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from LesionSegLib import models  # noqa: E402
+from LesionSegLib.data.dataset import target_spec  # noqa: E402
+from LesionSegLib.inference import Predictor  # noqa: E402
+from LesionSegLib.inference.runtime import cpu_features, cpu_name  # noqa: E402
+from LesionSegLib.training.release import evaluate_heldout, heldout_pairs, write_release  # noqa: E402
+from LesionSegLib.training.trainer import folder_items  # noqa: E402
+
+
+def _fmt(v, digits=3) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def card_markdown(entry, heldout, provenance, info) -> str:
+    name = models.card(entry["model"])["display_name"]
+    hist = provenance.get("training", {})
+    metrics = provenance.get("metrics", {})
+    multi = "mean_aupr" in heldout.summary
+    lines = [f"# {name} — `{entry['preset']}` release weights ({entry['file']})", "",
+             info.get("summary", ""), "",
+             "| | |", "|---|---|",
+             f"| network / preset | {entry['model']} / {entry['preset']} |",
+             f"| file | `{entry['file']}`, {entry['size'] / 1e6:.1f} MB, fp16 (loaded as fp32), SHA-256 `{entry['sha256']}` |",
+             f"| training data | {info['data']} |",
+             f"| split | {info['split']} |",
+             f"| start | {info.get('start', 'random initialisation')} |",
+             f"| budget | {info['budget']} |",
+             f"| hardware | {info['hardware']} |",
+             f"| selected checkpoint | epoch {hist.get('best_epoch')} of {hist.get('epochs_run')} run, validation Dice "
+             f"{_fmt(metrics.get('val_dice'))} |",
+             f"| data licence | {info['licence']} |", "",
+             f"## Held-out test metrics ({heldout.summary['images']} images never trained on or used for selection)", "",
+             "Computed with `lesionseg predict`'s path (the predictor at the card's input size, the card's threshold) "
+             "on the original files. Dice/IoU: mean over images (an image without the lesion scores 1 when nothing is "
+             "predicted); \"Dice (lesion images)\": mean over images that have the lesion; HD95 in pixels of the "
+             "original image, over images with the lesion.", ""]
+    head = "| class | images with lesion | Dice | Dice (lesion images) | IoU | HD95 px |" + (" AUPR |" if multi else "")
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
+    for cls, e in heldout.per_class.items():
+        lines.append(f"| {cls} | {e['images_with_lesion']}/{e['images']} | {_fmt(e['dice'])} | "
+                     f"{_fmt(e['dice_lesion_images'])} | {_fmt(e['iou'])} | {_fmt(e['hd95_px'], 1)} |"
+                     + (f" {_fmt(e['aupr'])} |" if multi else ""))
+    s = heldout.summary
+    lines += ["", f"Summary: Dice {_fmt(s['dice'])}, IoU {_fmt(s['iou'])}, HD95 {_fmt(s['hd95_px'], 1)} px"
+              + (f", mean AUPR {_fmt(s['mean_aupr'])}" if multi else "") + ".", ""]
+    if info.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in info["notes"]] + [""]
+    lines += ["## Reproduce", "", "```bash", info["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--name", required=True, help="release file name without extension")
+    ap.add_argument("--out", type=Path, default=ROOT / "weights")
+    ap.add_argument("--budget", required=True)
+    ap.add_argument("--licence", required=True)
+    ap.add_argument("--data-text", help="training data description (default: from the run)")
+    ap.add_argument("--start", default=None, help="initialisation (pretrained backbone), for the card")
+    ap.add_argument("--summary", default="")
+    ap.add_argument("--note", action="append", default=[])
+    ap.add_argument("--command", required=True, help="the command that reproduces the run")
+    ap.add_argument("--limit", type=int, help="evaluate only the first N held-out images (quick checks)")
+    args = ap.parse_args()
+
+    data = json.loads((args.run / "data.json").read_text())
+    recipe = json.loads((args.run / "recipe.json").read_text())
+    best = args.run / "best.pt"
+    predictor = Predictor(str(best), device="cpu")
+    spec = target_spec(predictor.name, models.preset(predictor.name, predictor.preset))
+    roots = data["root"] if isinstance(data["root"], list) else [data["root"]]
+    items = folder_items([Path(r) for r in roots], spec, recipe, {})
+    split = data["split"]["source"]
+    pairs = heldout_pairs(items, split)[: args.limit]
+    print(f"evaluating {len(pairs)} held-out images …", file=sys.stderr)
+    heldout = evaluate_heldout(predictor, pairs, progress=lambda i, n: print(f"  {i}/{n}", file=sys.stderr)
+                               if i % 10 == 0 or i == n else None)
+    feats = cpu_features()
+    hardware = (f"{cpu_name()} ({', '.join(k for k, v in feats.items() if v and k != 'native_bf16') or 'no AVX2'}), "
+                f"{predictor_threads(best)} torch thread(s), CPU only")
+    info = {"data": args.data_text or ", ".join(Path(r).name for r in roots)
+            + f" ({data['train_items']} training, {data['val_items']} validation images)",
+            "split": f"`weights/splits/{Path(split).name}`: validation {len(data['val_cases'])} cases, "
+                     f"test {len(data['split']['held_out_test_cases'])} cases; {data['case_rule']}",
+            "budget": args.budget, "hardware": hardware, "licence": args.licence, "summary": args.summary,
+            "start": args.start, "notes": args.note, "command": args.command}
+    entry = write_release(best, args.out, name=args.name, heldout=heldout, info=info)
+    from LesionSegLib.checkpoint import load
+    provenance = load(best).provenance
+    (args.out / f"{args.name}.md").write_text(card_markdown(entry, heldout, provenance, info), encoding="utf-8")
+    (args.out / f"{args.name}.heldout.json").write_text(json.dumps(heldout.per_image, indent=0) + "\n")
+    print(json.dumps(heldout.summary, indent=1))
+    return 0
+
+
+def predictor_threads(best: Path) -> int:
+    from LesionSegLib.checkpoint import load
+    return int(load(best).provenance.get("training", {}).get("torch_threads", 1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
