@@ -14,7 +14,7 @@ import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
-from LesionSegLib.slicer_logic import LesionSegLogic as _CoreLogic
+from LesionSegLib.slicer.logic import LesionSegLogic as _CoreLogic
 
 POLL_MS = 100
 TORCH_REQUIREMENT = ">=2.1"
@@ -85,7 +85,7 @@ def ensureTorch(askUser=True):
 
 
 class LesionSegLogic(ScriptedLoadableModuleLogic, _CoreLogic):
-    """The Qt-free ``LesionSegLib.slicer_logic.LesionSegLogic`` on Slicer's scene.
+    """The Qt-free ``LesionSegLib.slicer.logic.LesionSegLogic`` on Slicer's scene.
 
     Console::
 
@@ -240,7 +240,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget):
     # ------------------------------------------------------------------ background jobs
 
     def startJob(self, kind, fn, *args, context=None, **kwargs):
-        from LesionSegLib.slicer_logic import BackgroundJob
+        from LesionSegLib.slicer.logic import BackgroundJob
         self.job = BackgroundJob(fn, *args, **kwargs).start()
         self.jobKind, self.jobContext = kind, context
         bar = self.progressBar(kind)
@@ -612,8 +612,8 @@ class LesionSegTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
-        from LesionSegLib import mrml_bridge as bridge
-        from LesionSegLib.slicer_logic import LesionSegLogic as CoreLogic
+        from LesionSegLib.slicer import bridge
+        from LesionSegLib.slicer.logic import LesionSegLogic as CoreLogic
 
         folder = tempfile.mkdtemp(prefix="LesionSegTest")
         volume, lesion = self._volume()
@@ -702,7 +702,7 @@ class LesionSegTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
-        from LesionSegLib import mrml_bridge as bridge
+        from LesionSegLib.slicer import bridge
         self.delayDisplay("Console: LesionSegLogic().segment on the scene")
         folder = tempfile.mkdtemp(prefix="LesionSegTest")
         volume, lesion = self._volume(size=(64, 64, 4))

@@ -347,9 +347,9 @@ def test_no_torch_import_at_file_scope_in_what_slicer_loads(path):
 def test_library_imports_used_at_startup_do_not_load_torch():
     code = textwrap.dedent("""
         import sys
-        import LesionSegLib, LesionSegLib.slicer_logic, LesionSegLib.mrml_bridge, LesionSegLib.weights
+        import LesionSegLib, LesionSegLib.slicer.logic, LesionSegLib.slicer.bridge, LesionSegLib.weights
         import LesionSegLib.models, LesionSegLib.inference
-        from LesionSegLib.slicer_logic import LesionSegLogic
+        from LesionSegLib.slicer.logic import LesionSegLogic
         LesionSegLogic.models(); LesionSegLogic.modelCardText("msenet"); LesionSegLogic.installedWeights()
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")))
     """)

@@ -13,7 +13,7 @@ import SimpleITK as sitk  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 from slicer_support import lesion_volume  # noqa: E402
 
-from LesionSegLib import mrml_bridge as bridge  # noqa: E402
+from LesionSegLib.slicer import bridge  # noqa: E402
 from LesionSegLib import models  # noqa: E402
 
 ISLES = SHARED_DATA / "isles22-strokecase0009"

@@ -18,10 +18,10 @@ import SimpleITK as sitk  # noqa: E402
 from slicer_support import lesion_volume, threshold_unet  # noqa: E402
 
 from LesionSegLib import checkpoint, models  # noqa: E402
-from LesionSegLib import mrml_bridge as bridge  # noqa: E402
+from LesionSegLib.slicer import bridge  # noqa: E402
 from LesionSegLib.inference import CancelToken, Cancelled  # noqa: E402
 from LesionSegLib.inference.predictor import Prediction  # noqa: E402
-from LesionSegLib.slicer_logic import BackgroundJob, LesionSegError, LesionSegLogic  # noqa: E402
+from LesionSegLib.slicer.logic import BackgroundJob, LesionSegError, LesionSegLogic  # noqa: E402
 
 PRESET = "stroke-dwi"
 
@@ -420,7 +420,7 @@ def test_rgb_photograph_goes_through_predict_image_on_its_own_grid(scene, logic,
 
 def test_batch_seg_nrrd_without_mrml_reads_back_the_same_in_slicer(scene, logic, unet_checkpoint, tmp_path,
                                                                    monkeypatch):
-    """Without slicer-core the batch writes .seg.nrrd with LesionSegLib.segnrrd; Slicer's
+    """Without slicer-core the batch writes .seg.nrrd with LesionSegLib.slicer.segnrrd; Slicer's
     reader must see the same segment, name, colour, terminology and voxels as the MRML path."""
     image, lesion = lesion_volume()
     sitk.WriteImage(image, str(tmp_path / "a.nii.gz"))

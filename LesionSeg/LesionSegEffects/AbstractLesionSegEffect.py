@@ -1,7 +1,7 @@
 """Base class of the five LesionSeg Segment Editor effects (one per network).
 
 The effects are thin: options are stored on the segment editor node (saved with the
-scene), and all work goes through ``LesionSegLib.slicer_logic.LesionSegLogic``:
+scene), and all work goes through ``LesionSegLib.slicer.logic.LesionSegLogic``:
 
 1. Apply: ``saveStateForUndo()``, the source volume is copied out of MRML on the main
    thread (``logic.inputImage``);
@@ -35,7 +35,7 @@ _shared_logic = None
 def sharedLogic():
     global _shared_logic
     if _shared_logic is None:
-        from LesionSegLib.slicer_logic import LesionSegLogic
+        from LesionSegLib.slicer.logic import LesionSegLogic
         _shared_logic = LesionSegLogic(scene=slicer.mrmlScene)
     return _shared_logic
 
@@ -87,7 +87,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         self.ui.setObjectName(self.__class__.__name__ + "Options")
         self.scriptedEffect.addOptionsWidget(self.ui)
         self.w = slicer.util.childWidgetVariables(self.ui)
-        from LesionSegLib.slicer_logic import LesionSegLogic
+        from LesionSegLib.slicer.logic import LesionSegLogic
         for p in LesionSegLogic.presets(self.MODEL):
             self.w.presetComboBox.addItem(p, p)
         self.w.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
@@ -137,7 +137,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         combo.blockSignals(blocked)
 
     def fillSegments(self):
-        from LesionSegLib.slicer_logic import LesionSegLogic
+        from LesionSegLib.slicer.logic import LesionSegLogic
         lst = self.w.segmentsListWidget
         blocked = lst.blockSignals(True)
         lst.clear()
@@ -226,7 +226,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         self.fillWeights()
 
     def onModelCard(self):
-        from LesionSegLib.slicer_logic import LesionSegLogic
+        from LesionSegLib.slicer.logic import LesionSegLogic
         dialog = qt.QDialog(self.ui)
         dialog.setWindowTitle(f"Model card: {self.TITLE}")
         layout = qt.QVBoxLayout(dialog)
@@ -279,7 +279,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         except Exception as e:
             slicer.util.errorDisplay(str(e))
             return
-        from LesionSegLib.slicer_logic import BackgroundJob
+        from LesionSegLib.slicer.logic import BackgroundJob
         self._running = {"volume": volume, "segmentation": segmentation,
                          "selected": editor.GetSelectedSegmentID(), "options": options}
         self.job = BackgroundJob(logic.predict, image, allowRandomWeights=getattr(self, "allowRandomWeights", False),
@@ -326,7 +326,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
 
     def _write(self, prediction, running):
         """Main thread: write the prediction through the modifier labelmap (masking, undo)."""
-        from LesionSegLib import mrml_bridge as bridge
+        from LesionSegLib.slicer import bridge
         volume, segmentation = running["volume"], running["segmentation"]
         if volume.GetScene() is None or segmentation.GetScene() is None:
             self.w.statusLabel.text = "The volume or segmentation was removed while the network was running."

@@ -31,13 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from . import mrml_bridge as bridge
-from . import weights as _weights
+from . import EFFECT_MODELS, bridge
+from .. import weights as _weights
 
 logger = logging.getLogger("LesionSeg")
 
-#: the five published networks, one Segment Editor effect each
-EFFECT_MODELS = ("msenet", "m2snet", "lseg", "bsnet", "mslkseg")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
                   ".bmp")
 OUTPUT_FORMATS = ("seg.nrrd", "nii.gz", "nrrd")
@@ -83,7 +81,7 @@ def _scaled(progress: Progress, start: float, stop: float, prefix: str = "") -> 
 
 def _is_cancelled(exc: BaseException) -> bool:
     try:
-        from .inference import Cancelled
+        from ..inference import Cancelled
     except ImportError:  # pragma: no cover - inference always ships with the logic
         return False
     return isinstance(exc, Cancelled)
@@ -131,18 +129,18 @@ class LesionSegLogic:
     @staticmethod
     def models(all: bool = False) -> List[str]:
         """Registry names: the five published networks (``all``: with the baselines)."""
-        from . import models
+        from .. import models
         return models.list_models() if all else list(EFFECT_MODELS)
 
     @staticmethod
     def presets(model: str) -> List[str]:
-        from . import models
+        from .. import models
         return list(models.card(model).get("presets", {}))
 
     @staticmethod
     def modelCard(model: str, preset: Optional[str] = None) -> Dict[str, Any]:
         """The model card with the task preset's input, classes and outputs merged in."""
-        from . import models
+        from .. import models
         card = models.card(model)
         p = models.preset(model, preset)
         card["input"], card["classes"], card["outputs"] = p["input"], p["classes"], p["outputs"]
@@ -238,10 +236,10 @@ class LesionSegLogic:
                   tta: bool = False, allowRandomWeights: bool = False):
         """A (cached) :class:`LesionSegLib.inference.Predictor`. Without weights it
         refuses, unless ``allowRandomWeights`` (tests, demonstrations)."""
-        from .inference import Predictor
+        from ..inference import Predictor
         path = self.resolveCheckpoint(model, checkpoint, preset)
         if path is None and not allowRandomWeights:
-            from . import models
+            from .. import models
             name = models.card(model)["display_name"]
             raise LesionSegError(
                 f"no weights installed for {name}"
@@ -601,7 +599,7 @@ class LesionSegLogic:
         geometry; label values from the card's classes, matched to segments by name);
         file pairs are passed as paths (a ``.seg.nrrd`` label file is converted through
         MRML). Main thread (reads MRML)."""
-        from . import models
+        from .. import models
         p = models.preset(model, preset)
         classes = p["classes"]
         multi = bool(p["outputs"].get("multi_label"))
@@ -666,7 +664,7 @@ class LesionSegLogic:
                    recipeOverrides: Optional[Dict[str, Any]] = None, resume: bool = False, seed: int = 0,
                    pretrained=None, install: bool = True, progress: Progress = None, cancel=None):
         """Train on cases made by :meth:`trainingCases` (touches no MRML node: any thread)."""
-        from .training import train as run_training
+        from ..training import train as run_training
         if not cases:
             raise LesionSegError("no training cases")
         overrides = dict(recipeOverrides or {})
@@ -708,7 +706,7 @@ class BackgroundJob:
     """
 
     def __init__(self, fn: Callable[..., Any], *args, **kwargs):
-        from .inference import CancelToken
+        from ..inference import CancelToken
         self.token = CancelToken()
         self.fraction, self.message = 0.0, "starting"
         self.result = None
