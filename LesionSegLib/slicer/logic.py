@@ -344,10 +344,9 @@ class LesionSegLogic:
             segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                        f"{volumeNode.GetName()} {model or 'LesionSeg'}")
         saved = bridge.snapshot(segmentationNode)
-        masked = writer is not None or editorLogic is not None
-        written: Dict[str, Any] = {}
         try:
             bridge.prepare_segmentation(segmentationNode, volumeNode)
+            ids = {}
             for cls in chosen:
                 v = int(cls["value"])
                 sid = targets.get(v)
@@ -361,22 +360,39 @@ class LesionSegLogic:
                     # a user-chosen segment keeps its name and colour; record what filled it
                     segmentationNode.GetSegmentation().GetSegment(sid).SetTag(
                         bridge.CLASS_TAG, bridge.class_tag(model, v))
+                ids[v] = sid
+
+            def write(v):
                 if writer is not None:
-                    writer(segmentationNode, sid, masks[v], volumeNode)
+                    writer(segmentationNode, ids[v], masks[v], volumeNode)
                 elif editorLogic is not None:
-                    bridge.modify_segment_with_editor(editorLogic, segmentationNode, sid, masks[v], volumeNode)
+                    bridge.modify_segment_with_editor(editorLogic, segmentationNode, ids[v], masks[v], volumeNode)
                 else:
-                    bridge.set_segment_mask(segmentationNode, sid, masks[v], volumeNode)
-                if masked and len(chosen) > 1:
-                    # what the editor made of this class (masking, intensity range applied)
-                    written[sid] = bridge.segment_mask(segmentationNode, sid, volumeNode)
-            # The editor's overwrite mode ("all segments" by default) erases, in each
-            # later class's voxels, the classes written before it. The classes of one
-            # result may overlap (L-Seg): give each back the voxels the editor gave it.
-            # Other segments keep what the overwrite mode did to them.
-            for sid, mask in written.items():
-                if not np.array_equal(bridge.segment_mask(segmentationNode, sid, volumeNode), mask):
-                    bridge.set_segment_mask(segmentationNode, sid, mask, volumeNode)
+                    bridge.set_segment_mask(segmentationNode, ids[v], masks[v], volumeNode)
+
+            through_editor = writer is not None or editorLogic is not None
+            if not through_editor or len(ids) == 1:
+                for v in ids:
+                    write(v)
+            else:
+                # The classes of one result may overlap (L-Seg). Written one after the
+                # other through the editor, each would be cut by the ones before it: by
+                # the overwrite mode ("all segments" by default), and by masking when a
+                # class's voxels leave a mask segment. So: what the editor makes of each
+                # class is taken on the segmentation as it was before this result…
+                before = bridge.snapshot(segmentationNode)
+                alone = {}
+                for v in ids:
+                    write(v)
+                    alone[v] = bridge.segment_mask(segmentationNode, ids[v], volumeNode)
+                    bridge.restore(segmentationNode, before)
+                # …all classes are written in turn, so that the overwrite mode applies to
+                # the other segments as the user set it, then each class gets its voxels back.
+                for v in ids:
+                    write(v)
+                for v, mask in alone.items():
+                    if not np.array_equal(bridge.segment_mask(segmentationNode, ids[v], volumeNode), mask):
+                        bridge.set_segment_mask(segmentationNode, ids[v], mask, volumeNode)
             for key, value in (provenance or {}).items():
                 segmentationNode.SetAttribute(f"LesionSeg.{key}", str(value))
         except BaseException:
