@@ -231,6 +231,43 @@ class LesionSegLogic:
             patterns.append("*.safetensors")
         return f"Weights ({' '.join(patterns)});;All files (*)"
 
+    # ------------------------------------------------------------------ effect parameters
+
+    #: parameter values that stand for "no choice": Slicer treats an empty parameter as
+    #: undefined (it logs "Parameter … cannot be found"), so every default is non-empty
+    NEWEST_WEIGHTS = "newest"
+    ALL_CLASSES = "all"
+
+    @classmethod
+    def effectParameterDefaults(cls, model: str) -> Dict[str, str]:
+        """The Segment Editor effect's parameters (stored on the segment editor node) with
+        their defaults, all non-empty."""
+        from .. import models
+        card = models.card(model)
+        preset = card.get("default_preset") or next(iter(card.get("presets", {})), "")
+        threshold = models.preset(model, preset or None)["outputs"].get("threshold", 0.5)
+        return {"Preset": preset or "default", "Checkpoint": cls.NEWEST_WEIGHTS, "Device": "auto",
+                "UseCardThreshold": "1", "Threshold": repr(float(threshold)), "TTA": "0", "ProbabilityMap": "0",
+                "Segments": cls.ALL_CLASSES}
+
+    @classmethod
+    def effectOptions(cls, model: str, parameter: Callable[[str], str]) -> Dict[str, Any]:
+        """:meth:`startSegmentJob` options from an effect's parameters (``parameter(name)``
+        returns the stored string); also "classes": the class values to write, or None."""
+        p = {k: (parameter(k) or v) for k, v in cls.effectParameterDefaults(model).items()}
+        checkpoint = p["Checkpoint"]
+        segments = p["Segments"]
+        return {
+            "model": model,
+            "checkpoint": None if checkpoint == cls.NEWEST_WEIGHTS else checkpoint,
+            "preset": None if p["Preset"] == "default" else p["Preset"],
+            "device": p["Device"],
+            "threshold": None if int(float(p["UseCardThreshold"])) else float(p["Threshold"]),
+            "tta": bool(int(float(p["TTA"]))),
+            "probabilities": bool(int(float(p["ProbabilityMap"]))),
+            "classes": None if segments == cls.ALL_CLASSES else [int(v) for v in segments.split(",") if v.strip()],
+        }
+
     # ------------------------------------------------------------------ inference
 
     def predictor(self, model: str = "msenet", checkpoint=None, preset: Optional[str] = None, device: str = "auto",
