@@ -355,3 +355,43 @@ def test_stop_all_kills_running_workers(unet_checkpoint, tmp_path):
     assert worker.stop_all() == 1
     assert job.wait(30) and job.error and "SIGKILL" in job.error
     job.cleanup()
+
+
+TINY = {"batch_size": 4, "size": [32, 32], "epoch_length": 2, "num_workers": 0,
+        "model_config": {"base_width": 4, "depth": 2}}
+
+
+def test_batch_and_training_from_the_panel_run_in_the_worker(scene, logic, unet_checkpoint, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    image, lesion = lesion_volume(size_xyz=(48, 40, 6))
+    sitk.WriteImage(image, str(cases / "a.nii.gz"))
+    job = logic.startBatchJob([cases], tmp_path / "out", model="unet", checkpoint=str(unet_checkpoint),
+                              preset=PRESET, outputFormat="nii.gz", device="cpu")
+    assert job.wait(120) and job.error is None, job.error
+    assert [s["input"] for s in job.result["succeeded"]] == [str(cases / "a.nii.gz")]
+    assert "1 succeeded, 0 failed" in job.result["text"]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "a_lesionseg.nii.gz"))) == 1
+    assert 2.0 * (labels & lesion).sum() / (labels.sum() + lesion.sum()) > 0.9
+    job.cleanup()
+    # training on scene nodes: read here into files of the job, trained in the worker
+    pairs = []
+    for i in range(3):
+        image, lesion = lesion_volume(seed=i, size_xyz=(48, 40, 6))
+        vol = bridge.sitk_to_volume(image, scene, f"case{i}")
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"truth{i}")
+        bridge.prepare_segmentation(seg, vol)
+        sid = bridge.add_class_segment(seg, {"value": 1, "name": "Stroke lesion", "color": [255, 0, 0]})
+        bridge.set_segment_mask(seg, sid, lesion, vol)
+        pairs.append((vol, seg))
+    job = logic.startTrainJob(pairs, tmp_path / "run", model="unet", preset=PRESET, epochs=1, device="cpu",
+                              recipeOverrides=TINY)
+    assert job.wait(300) and job.error is None, job.error
+    assert any("epoch" in m.get("message", "") for m in job.lines)
+    best = job.result["best_checkpoint"]
+    assert best and checkpoint.load(best).name == "unet"
+    (entry,) = logic.installedWeights("unet")   # installed by the worker into the same cache
+    assert entry.preset == PRESET
+    job.cleanup()
+    with pytest.raises(ValueError, match="no training pairs"):
+        logic.startTrainJob([], tmp_path / "run", model="unet")
