@@ -453,3 +453,30 @@ def test_cmake_list_generator_is_in_sync():
     out = subprocess.run([sys.executable, str(ROOT / "Utilities" / "update_cmake_lists.py"), "--check"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_index_entry_format_screenshot_and_one_repository_url():
+    """ExtensionsIndex format (2-space indent, one array item per line, LF, final
+    newline); the screenshot is a file of this repository; every URL of the extension
+    derives from the one intended public repository named in CMakeLists.txt."""
+    raw = (ROOT / "LesionSeg.json").read_text(encoding="utf-8")
+    assert raw == json.dumps(json.loads(raw), indent=2) + "\n"
+    meta = _cmake_sets(ROOT / "CMakeLists.txt")
+    (repo,) = meta["LESIONSEG_REPOSITORY"]
+    assert re.fullmatch(r"[\w.-]+/[\w.-]+", repo)
+    assert json.loads(raw)["scm_url"] == f"https://github.com/{repo}"
+    raw_prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+    urls = meta["EXTENSION_ICONURL"] + " ".join(meta["EXTENSION_SCREENSHOTURLS"]).split()
+    for url in urls:
+        assert url.startswith(raw_prefix), url
+        path = ROOT / url[len(raw_prefix):]
+        assert path.is_file(), f"{url} names {path.relative_to(ROOT)}, which is not in the repository"
+        w, h, *_ = _png(path)
+        assert w >= 128 and h >= 128
+    assert meta["EXTENSION_HOMEPAGE"][0].startswith(f"https://github.com/{repo}")
+    # the documents name no other repository
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for found in re.findall(r"https://github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?(?=[/#\s)`\"]|$)",
+                                doc.read_text(encoding="utf-8")):
+            if found.lower().startswith(("lesionseg/", "slicerlesionseg/")):
+                assert found == repo, f"{doc.name} names {found}"
