@@ -185,7 +185,7 @@ def test_worker_killed_as_by_the_oom_killer_gives_a_clear_error_and_changes_noth
 def test_worker_out_of_memory_gives_a_clear_error_and_changes_nothing(scene, logic, unet_checkpoint, tmp_path):
     """A real allocation failure: once the network runs, the worker's address space is
     capped (RLIMIT_AS) at what it uses, so its next large allocation fails."""
-    vol, _ = _volume(scene, tmp_path, size_xyz=(96, 96, 120))
+    vol, _ = _volume(scene, tmp_path, size_xyz=(96, 96, 48))
     seg = _segmentation_with_drawing(scene, vol)
     before = _state(seg, vol)
     run = _run_until_running(logic, vol, seg, unet_checkpoint, tta=True, probabilities=True)
@@ -395,3 +395,24 @@ def test_batch_and_training_from_the_panel_run_in_the_worker(scene, logic, unet_
     job.cleanup()
     with pytest.raises(ValueError, match="no training pairs"):
         logic.startTrainJob([], tmp_path / "run", model="unet")
+
+
+def test_colour_photograph_through_the_worker_lands_on_its_own_grid(scene, logic, tmp_path):
+    """A one-slice RGB vector volume (as the module's input selector now offers it)."""
+    from LesionSegLib.inference import Predictor
+    rng = np.random.default_rng(1)
+    rgb = (rng.random((40, 56, 3)) * 255).astype(np.uint8)
+    rgb[10:25, 30:45] = (250, 120, 60)
+    png = tmp_path / "frame.png"
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(png))
+    vol = bridge.load_volume(scene, png)
+    path = tmp_path / "unet-rgb.pt"
+    net = models.create("unet", base_width=4, depth=2, in_channels=3)
+    checkpoint.save(path, net, config=models.config("unet", base_width=4, depth=2, in_channels=3), preset="polyp")
+    run = logic.startSegmentJob(vol, None, model="unet", checkpoint=path, preset="polyp", threshold=0.5,
+                                device="cpu")
+    assert run.job.wait(120) and run.job.error is None, run.job.error
+    seg = logic.finishSegmentJob(run)
+    (sid,) = bridge.segment_ids(seg)
+    direct = Predictor(str(path), preset="polyp").predict_image(bridge.volume_array(vol)[0], threshold=0.5)
+    assert np.array_equal(bridge.segment_mask(seg, sid, vol)[0], direct.masks[1])
