@@ -393,8 +393,6 @@ class LesionSegWidget(ScriptedLoadableModuleWidget):
         try:
             if inner.cancelled:
                 self.report(kind, "Cancelled; nothing was changed.")
-                if kind == "segment":
-                    self.logic.finishSegmentJob(job)   # removes its files
             elif inner.error is not None:
                 self.report(kind, f"Failed: {inner.error}")
                 slicer.util.errorDisplay(f"LesionSeg: {inner.error}")
@@ -404,8 +402,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget):
             self.report(kind, f"Failed: {e}")
             slicer.util.errorDisplay(f"LesionSeg: {e}")
         finally:
-            if kind != "segment":
-                inner.cleanup()
+            inner.cleanup()   # the job's files (finishSegmentJob has read the result already)
             self.updateButtons()
 
     def report(self, kind, text):

@@ -183,21 +183,24 @@ def test_worker_killed_as_by_the_oom_killer_gives_a_clear_error_and_changes_noth
 
 
 def test_worker_out_of_memory_gives_a_clear_error_and_changes_nothing(scene, logic, unet_checkpoint, tmp_path):
-    """A real allocation failure: once the network runs, the worker's address space is
-    capped (RLIMIT_AS) at what it uses, so its next large allocation fails."""
-    vol, _ = _volume(scene, tmp_path, size_xyz=(96, 96, 48))
+    """A real allocation failure: as soon as the worker reports that it runs, its address
+    space is capped (RLIMIT_AS) near what it uses, so loading torch and the network fails
+    for lack of memory."""
+    vol, _ = _volume(scene, tmp_path)
     seg = _segmentation_with_drawing(scene, vol)
-    before = _state(seg, vol)
-    run = _run_until_running(logic, vol, seg, unet_checkpoint, tta=True, probabilities=True)
+    before, nodes = _state(seg, vol), scene.GetNumberOfNodes()
+    run = logic.startSegmentJob(vol, seg, model="unet", checkpoint=unet_checkpoint, preset=PRESET, device="cpu")
+    _wait_for(run.job, lambda j: j.worker_pid is not None)
     pid = run.job.worker_pid
     with open(f"/proc/{pid}/status") as f:
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    resource.prlimit(pid, resource.RLIMIT_AS, (vm + (8 << 20), resource.RLIM_INFINITY))
+    resource.prlimit(pid, resource.RLIMIT_AS, (vm + (16 << 20), resource.RLIM_INFINITY))
     assert run.job.wait(120)
-    assert run.job.error and "out of memory" in run.job.error, run.job.error
+    assert run.job.error and run.job.error.startswith("out of memory"), run.job.error
+    assert "\n" not in run.job.error
     with pytest.raises(WorkerError, match="out of memory"):
         logic.finishSegmentJob(run)
-    assert _state(seg, vol) == before
+    assert _state(seg, vol) == before and scene.GetNumberOfNodes() == nodes
 
 
 def test_worker_failure_is_one_line_naming_the_problem(scene, logic, unet_checkpoint, tmp_path):

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -236,11 +237,11 @@ def run(job_dir) -> int:
     try:
         result = _TASK_FUNCTIONS[task](dict(spec.get("args") or {}), job_dir, progress, cancel)
     except BaseException as e:   # reported to the GUI as one line; the traceback goes to stderr
-        from ..inference import Cancelled
-        if isinstance(e, Cancelled):
+        # nothing is imported here: the failure may be that memory ran out
+        cancel_module = sys.modules.get("LesionSegLib.inference.cancel")
+        if cancel_module is not None and isinstance(e, cancel_module.Cancelled):
             _emit({"cancelled": True})
             return 2
-        import traceback
         traceback.print_exc()
         _emit({"error": _describe(e)})
         return 1
@@ -471,6 +472,11 @@ class WorkerJob:
         else:
             text = f"the LesionSeg worker process ended with exit code {code} without a result"
         tail = self.stderr_tail()
+        low = tail.lower()
+        if any(w in low for w in ("memory allocation", "out of memory", "cannot allocate", "can't allocate",
+                                  "bad_alloc", "memoryerror", "failed to map segment")):
+            # native libraries (OpenBLAS, CUDA) often end the process themselves when an allocation fails
+            text = f"out of memory: {text}"
         return f"{text}; nothing was changed" + (f". Last message: {tail}" if tail else "")
 
     def stderr_tail(self) -> str:
