@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,3 +420,27 @@ def test_colour_photograph_through_the_worker_lands_on_its_own_grid(scene, logic
     (sid,) = bridge.segment_ids(seg)
     direct = Predictor(str(path), preset="polyp").predict_image(bridge.volume_array(vol)[0], threshold=0.5)
     assert np.array_equal(bridge.segment_mask(seg, sid, vol)[0], direct.masks[1])
+
+
+def test_download_from_the_panel_runs_in_the_worker(logic, unet_checkpoint, tmp_path):
+    import functools
+    import hashlib
+    import http.server
+    data = unet_checkpoint.read_bytes()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(unet_checkpoint.parent))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{unet_checkpoint.name}"
+        bad = logic.startDownloadJob(url, "0" * 64, model="unet", preset=PRESET)
+        assert bad.wait(120) and bad.error and "\n" not in bad.error and "sha" in bad.error.lower(), bad.error
+        bad.cleanup()
+        assert logic.installedWeights("unet") == []
+        job = logic.startDownloadJob(url, hashlib.sha256(data).hexdigest(), model="unet", preset=PRESET)
+        assert job.wait(120) and job.error is None, job.error
+        (entry,) = logic.installedWeights("unet")
+        assert entry.id == job.result["id"] and Path(entry.path).read_bytes() == data
+        job.cleanup()
+    finally:
+        httpd.shutdown()

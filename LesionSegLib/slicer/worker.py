@@ -41,7 +41,7 @@ import time
 import traceback
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 PROTOCOL = 1
 JOB_FILE = "job.json"
