@@ -8,7 +8,7 @@ nothing. ``LesionSeg/LesionSeg.py`` exposes it as ``LesionSegLogic`` the Slicer 
 
 Console::
 
-    logic = slicer.util.getModuleLogic("LesionSeg")          # or LesionSegLib.slicer_logic.LesionSegLogic()
+    logic = slicer.util.getModuleLogic("LesionSeg")          # or LesionSegLib.slicer.logic.LesionSegLogic()
     seg = logic.segment(volumeNode, model="msenet", preset="isles-dwi")
     summary = logic.segmentFiles(["/data/cases"], "/data/out", model="m2snet", preset="covid-ct")
 
