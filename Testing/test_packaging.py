@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "LesionSeg"
 LIB = ROOT / "LesionSegLib"
-EFFECTS = MODULE / "LesionSegEffects"
+EFFECTS_DIR = MODULE / "LesionSegEffects"
 
 #: slicer-extension-catalog-entry-schema v1.0.2 (Slicer/Slicer:Schemas), additionalProperties false
 CATALOG_FIELDS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
@@ -224,18 +224,19 @@ def test_icons_are_real_images():
 
 
 def _effect_classes():
-    """({file: [class names]}, [registered effect class names]) read from the sources."""
+    """({file: [class names]}, [registered effect class names]): classes read from the
+    sources, the registered ones from the one list of the five effects."""
+    from LesionSegLib.slicer import EFFECTS
     defined = {}
-    for p in sorted(EFFECTS.glob("*.py")):
+    for p in sorted(EFFECTS_DIR.glob("*.py")):
         tree = ast.parse(p.read_text(encoding="utf-8"))
         defined[p.stem] = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
-    init = ast.parse((EFFECTS / "__init__.py").read_text(encoding="utf-8"))
-    registered = next(ast.literal_eval(n.value) for n in init.body if isinstance(n, ast.Assign)
-                      and any(getattr(t, "id", None) == "EFFECT_CLASSES" for t in n.targets))
-    return defined, registered
+    return defined, [cls for _model, cls, _name, _title in EFFECTS]
 
 
 def test_effect_classes_end_in_effect_are_unique_and_match_their_files():
+    from LesionSegLib import models
+    from LesionSegLib.slicer import EFFECTS
     defined, registered = _effect_classes()
     classes = [c for names in defined.values() for c in names]
     assert all(c.endswith("Effect") for c in classes), classes
@@ -244,22 +245,19 @@ def test_effect_classes_end_in_effect_are_unique_and_match_their_files():
     for name in registered:
         # Slicer's setPythonSource derives the class name from the file name
         assert defined.get(name) == [name], f"{name}.py must define exactly class {name}"
-    init = (EFFECTS / "__init__.py").read_text(encoding="utf-8")
+    init = (EFFECTS_DIR / "__init__.py").read_text(encoding="utf-8")
     for name in registered:
         assert f"from .{name} import {name}" in init, f"{name} must be re-exported by LesionSegEffects"
-    # unique effect names (the editor looks effects up by them) and one network each
-    names, networks = [], []
-    from LesionSegLib import models
+    # the five effects are listed once: the effect files hold no network, name or title of their own
     for name in registered:
-        tree = ast.parse((EFFECTS / f"{name}.py").read_text(encoding="utf-8"))
+        tree = ast.parse((EFFECTS_DIR / f"{name}.py").read_text(encoding="utf-8"))
         cls = next(n for n in tree.body if isinstance(n, ast.ClassDef))
-        attrs = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
-                 for t in n.targets if isinstance(t, ast.Name)}
-        names.append(attrs["EFFECT_NAME"])
-        networks.append(models._resolve(attrs["MODEL"]))
+        attrs = {t.id for n in cls.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        assert not attrs & {"MODEL", "EFFECT_NAME", "TITLE"}, f"{name} repeats what LesionSegLib.slicer.EFFECTS says"
         assert any(isinstance(n, ast.FunctionDef) and n.name == "clone" for n in cls.body), f"{name} needs clone()"
+    names = [e[2] for e in EFFECTS]
     assert len(set(names)) == 5 and all(n.startswith("LesionSeg ") for n in names)
-    assert sorted(networks) == sorted(["msenet", "m2snet", "lseg", "bsnet", "mslkseg"])
+    assert sorted(models._resolve(e[0]) for e in EFFECTS) == sorted(["msenet", "m2snet", "lseg", "bsnet", "mslkseg"])
 
 
 def test_module_file_follows_scripted_module_conventions():
@@ -283,7 +281,7 @@ def _module_path(name: str):
     if parts[0] == "LesionSegLib":
         base = ROOT.joinpath(*parts)
     elif parts[0] == "LesionSegEffects":
-        base = EFFECTS.joinpath(*parts[1:])
+        base = EFFECTS_DIR.joinpath(*parts[1:])
     else:
         return None
     for cand in (base.with_suffix(".py"), base / "__init__.py"):
@@ -335,10 +333,10 @@ def _startup_imports(path: Path, package: str, seen=None):
     return out
 
 
-@pytest.mark.parametrize("path", sorted([MODULE / "LesionSeg.py"] + list(EFFECTS.glob("*.py"))),
+@pytest.mark.parametrize("path", sorted([MODULE / "LesionSeg.py"] + list(EFFECTS_DIR.glob("*.py"))),
                          ids=lambda p: p.name)
 def test_no_torch_import_at_file_scope_in_what_slicer_loads(path):
-    package = "LesionSegEffects" if path.parent == EFFECTS else ""
+    package = "LesionSegEffects" if path.parent == EFFECTS_DIR else ""
     roots = _startup_imports(path, package or path.stem)
     assert "torch" not in roots and "torchvision" not in roots, f"{path.name} imports torch at startup"
     assert roots & {"slicer", "qt"} or path.name == "__init__.py"
@@ -347,10 +345,12 @@ def test_no_torch_import_at_file_scope_in_what_slicer_loads(path):
 def test_library_imports_used_at_startup_do_not_load_torch():
     code = textwrap.dedent("""
         import sys
-        import LesionSegLib, LesionSegLib.slicer_logic, LesionSegLib.mrml_bridge, LesionSegLib.weights
+        import LesionSegLib, LesionSegLib.slicer.logic, LesionSegLib.slicer.bridge, LesionSegLib.weights
+        import LesionSegLib.slicer.worker, LesionSegLib.slicer.cardhtml, LesionSegLib.slicer.torchsupport
         import LesionSegLib.models, LesionSegLib.inference
-        from LesionSegLib.slicer_logic import LesionSegLogic
-        LesionSegLogic.models(); LesionSegLogic.modelCardText("msenet"); LesionSegLogic.installedWeights()
+        from LesionSegLib.slicer.logic import LesionSegLogic
+        LesionSegLogic.models(); LesionSegLogic.installedWeights(); LesionSegLogic.effectParameterDefaults("lseg")
+        LesionSegLib.slicer.cardhtml.model_card_html("msenet"); LesionSegLogic.weightsChoices("msenet")
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")))
     """)
     env = dict(os.environ, LESIONSEG_CACHE=str(ROOT / ".pytest_cache" / "no-such-cache"))
@@ -432,8 +432,8 @@ def test_every_widget_the_code_uses_exists_in_its_ui_file(loaded_ui):
     used -= {"setMRMLScene"}
     assert used and not used - module_widgets, f"LesionSeg.ui lacks {sorted(used - module_widgets)}"
     effect_widgets = set(loaded_ui["LesionSegEffect.ui"]["children"])
-    used = _attributes_used(EFFECTS / "AbstractLesionSegEffect.py", "self.w") | _attributes_used(
-        EFFECTS / "AbstractLesionSegEffect.py", "w")
+    used = _attributes_used(EFFECTS_DIR / "AbstractLesionSegEffect.py", "self.w") | _attributes_used(
+        EFFECTS_DIR / "AbstractLesionSegEffect.py", "w")
     assert used and not used - effect_widgets, f"LesionSegEffect.ui lacks {sorted(used - effect_widgets)}"
 
 
@@ -453,3 +453,30 @@ def test_cmake_list_generator_is_in_sync():
     out = subprocess.run([sys.executable, str(ROOT / "Utilities" / "update_cmake_lists.py"), "--check"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_index_entry_format_screenshot_and_one_repository_url():
+    """ExtensionsIndex format (2-space indent, one array item per line, LF, final
+    newline); the screenshot is a file of this repository; every URL of the extension
+    derives from the one intended public repository named in CMakeLists.txt."""
+    raw = (ROOT / "LesionSeg.json").read_text(encoding="utf-8")
+    assert raw == json.dumps(json.loads(raw), indent=2) + "\n"
+    meta = _cmake_sets(ROOT / "CMakeLists.txt")
+    (repo,) = meta["LESIONSEG_REPOSITORY"]
+    assert re.fullmatch(r"[\w.-]+/[\w.-]+", repo)
+    assert json.loads(raw)["scm_url"] == f"https://github.com/{repo}"
+    raw_prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+    urls = meta["EXTENSION_ICONURL"] + " ".join(meta["EXTENSION_SCREENSHOTURLS"]).split()
+    for url in urls:
+        assert url.startswith(raw_prefix), url
+        path = ROOT / url[len(raw_prefix):]
+        assert path.is_file(), f"{url} names {path.relative_to(ROOT)}, which is not in the repository"
+        w, h, *_ = _png(path)
+        assert w >= 128 and h >= 128
+    assert meta["EXTENSION_HOMEPAGE"][0].startswith(f"https://github.com/{repo}")
+    # the documents name no other repository
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for found in re.findall(r"https://github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?(?=[/#\s)`\"]|$)",
+                                doc.read_text(encoding="utf-8")):
+            if found.lower().startswith(("lesionseg/", "slicerlesionseg/")):
+                assert found == repo, f"{doc.name} names {found}"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from LesionSegLib import models
-from LesionSegLib.segnrrd import write_seg_nrrd
+from LesionSegLib.slicer.segnrrd import write_seg_nrrd
 
 from slicer_support import lesion_volume
 
@@ -11,7 +11,7 @@ slicer = pytest.importorskip("slicer")
 
 
 def _read_back(path):
-    from LesionSegLib import mrml_bridge
+    from LesionSegLib.slicer import bridge as mrml_bridge
     scene = mrml_bridge.new_scene()
     node = mrml_bridge.load_segmentation(scene, path)
     seg = node.GetSegmentation()
@@ -19,7 +19,7 @@ def _read_back(path):
 
 
 def test_single_layer_segmentation_opens_in_slicer_with_names_colours_terminology(tmp_path):
-    from LesionSegLib import mrml_bridge
+    from LesionSegLib.slicer import bridge as mrml_bridge
     image, lesion = lesion_volume()
     classes = models.preset("bsnet")["classes"]
     path = write_seg_nrrd(tmp_path / "out.seg.nrrd", {1: lesion}, image, classes, model="bsnet")
@@ -36,7 +36,7 @@ def test_single_layer_segmentation_opens_in_slicer_with_names_colours_terminolog
 
 
 def test_overlapping_classes_become_layers_and_keep_every_voxel(tmp_path):
-    from LesionSegLib import mrml_bridge
+    from LesionSegLib.slicer import bridge as mrml_bridge
     image, lesion = lesion_volume()
     classes = models.preset("lseg")["classes"]            # four multi-label fundus classes
     shifted = np.roll(lesion, 3, axis=2)                   # overlaps the first mask partly

@@ -2,6 +2,10 @@
 undo, files. Skipped when slicer-core is not installed (pip install slicer-core)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -13,7 +17,7 @@ import SimpleITK as sitk  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 from slicer_support import lesion_volume  # noqa: E402
 
-from LesionSegLib import mrml_bridge as bridge  # noqa: E402
+from LesionSegLib.slicer import bridge  # noqa: E402
 from LesionSegLib import models  # noqa: E402
 
 ISLES = SHARED_DATA / "isles22-strokecase0009"
@@ -311,3 +315,67 @@ def test_isles22_case_loads_and_round_trips(scene, tmp_path):
     saved = sitk.ReadImage(str(path))
     saved_on_ref = sitk.Resample(saved, truth_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     assert np.array_equal(sitk.GetArrayFromImage(saved_on_ref) > 0, sitk.GetArrayFromImage(truth_img) > 0)
+
+
+def test_segmentation_with_another_geometry_reads_back_and_editor_writes_stay_inside_it(scene):
+    """A user's segmentation drawn on a crop of the volume: its segments read back on
+    the full volume's grid (training from it works), and an editor write of a mask
+    that reaches beyond the segmentation's geometry lands only inside it."""
+    image, lesion = lesion_volume()
+    vol = bridge.sitk_to_volume(image, scene, "v")
+    crop_image = image[20:60, 4:40, 2:9]   # same physical grid, smaller extent
+    crop = bridge.sitk_to_volume(crop_image, scene, "crop")
+    inside = np.zeros(lesion.shape, bool)
+    inside[2:9, 4:40, 20:60] = True
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn on the crop")
+    bridge.prepare_segmentation(seg, crop)
+    cls = models.card("unet")["classes"][0]
+    sid = bridge.add_class_segment(seg, cls)
+    bridge.set_segment_mask(seg, sid, lesion[2:9, 4:40, 20:60], crop)
+    got = bridge.segment_mask(seg, sid, vol)
+    assert got.shape == lesion.shape and np.array_equal(got, lesion & inside)
+    labels = bridge.labels_from_segmentation(seg, vol, [cls])
+    assert np.array_equal(labels == 1, lesion & inside)
+    # editor write of a mask that covers the whole volume (and so leaves the segmentation's geometry)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    node.SetAndObserveSegmentationNode(seg)
+    node.SetAndObserveSourceVolumeNode(crop)
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(scene)
+    editor.SetSegmentEditorNode(node)
+    other = seg.GetSegmentation().AddEmptySegment("everything", "everything")
+    bridge.modify_segment_with_editor(editor, seg, other, np.ones(lesion.shape, bool), vol)
+    labelmap = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(seg, other, labelmap, False)
+    ext = labelmap.GetExtent()
+    assert _oriented_count(labelmap) == int(inside.sum())
+    assert (ext[1] - ext[0] + 1, ext[3] - ext[2] + 1, ext[5] - ext[4] + 1) <= (40, 36, 7)
+    assert np.array_equal(bridge.segment_mask(seg, other, vol), inside)
+
+
+def _oriented_count(image) -> int:
+    from vtk.util import numpy_support
+    return int((numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()) > 0).sum())
+
+
+def test_converter_rules_are_registered_once_per_process(tmp_path):
+    """Batches make a scene per call; the segmentation converter rules are global and
+    must not pile up (4 rules, however many scenes and batches)."""
+    code = textwrap.dedent("""
+        import slicer, sys
+        import SimpleITK as sitk, numpy as np
+        from LesionSegLib.slicer import bridge
+        rules = lambda: len(slicer.vtkSegmentationConverterFactory.GetInstance().GetConverterRules())
+        counts = []
+        for _ in range(3):
+            scene = bridge.new_scene()
+            seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+            assert seg.GetSegmentation().AddEmptySegment("a")
+            counts.append(rules())
+        bridge.ensure_segmentation_converters()
+        counts.append(rules())
+        print(counts)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[4, 4, 4, 4]"

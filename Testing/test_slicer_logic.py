@@ -18,10 +18,10 @@ import SimpleITK as sitk  # noqa: E402
 from slicer_support import lesion_volume, threshold_unet  # noqa: E402
 
 from LesionSegLib import checkpoint, models  # noqa: E402
-from LesionSegLib import mrml_bridge as bridge  # noqa: E402
+from LesionSegLib.slicer import bridge  # noqa: E402
 from LesionSegLib.inference import CancelToken, Cancelled  # noqa: E402
 from LesionSegLib.inference.predictor import Prediction  # noqa: E402
-from LesionSegLib.slicer_logic import BackgroundJob, LesionSegError, LesionSegLogic  # noqa: E402
+from LesionSegLib.slicer.logic import LesionSegError, LesionSegLogic  # noqa: E402
 
 PRESET = "stroke-dwi"
 
@@ -352,17 +352,6 @@ def test_segment_files_cancel_stops_and_reports(logic, unet_checkpoint, tmp_path
         __import__("pathlib").Path(o).name for o in done)
 
 
-def test_background_job_runs_predict_off_thread_and_cancels(logic, unet_checkpoint):
-    image, lesion = lesion_volume()
-    job = BackgroundJob(logic.predict, image, model="unet", checkpoint=unet_checkpoint, preset=PRESET).start()
-    assert job.wait(120) and job.error is None and not job.cancelled
-    assert _dice(job.result.masks[1], lesion) > 0.9 and job.fraction == 1.0
-    job = BackgroundJob(logic.predict, image, model="unet", checkpoint=unet_checkpoint, preset=PRESET)
-    job.cancel()
-    job.start()
-    assert job.wait(120) and job.cancelled and job.result is None
-
-
 def test_training_cases_from_scene_nodes(scene, logic, tmp_path):
     vol, image, lesion, _ = _oblique_volume_node(scene, tmp_path)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "truth")
@@ -389,7 +378,8 @@ def test_training_cases_from_scene_nodes(scene, logic, tmp_path):
 
 
 def test_model_card_text_names_classes_and_reconstructed_parts():
-    html = LesionSegLogic.modelCardText("lseg")
+    from LesionSegLib.slicer.cardhtml import model_card_html
+    html = model_card_html("lseg")
     for name in ("Hard exudate (EX)", "Haemorrhage (HE)", "Microaneurysm (MA)", "Soft exudate (SE)"):
         assert name.replace("(", "(") in html
     assert "Reconstructed" in html and "L-Seg" in html
@@ -420,7 +410,7 @@ def test_rgb_photograph_goes_through_predict_image_on_its_own_grid(scene, logic,
 
 def test_batch_seg_nrrd_without_mrml_reads_back_the_same_in_slicer(scene, logic, unet_checkpoint, tmp_path,
                                                                    monkeypatch):
-    """Without slicer-core the batch writes .seg.nrrd with LesionSegLib.segnrrd; Slicer's
+    """Without slicer-core the batch writes .seg.nrrd with LesionSegLib.slicer.segnrrd; Slicer's
     reader must see the same segment, name, colour, terminology and voxels as the MRML path."""
     image, lesion = lesion_volume()
     sitk.WriteImage(image, str(tmp_path / "a.nii.gz"))
@@ -443,3 +433,58 @@ def test_batch_seg_nrrd_without_mrml_reads_back_the_same_in_slicer(scene, logic,
     assert seg_a.GetTerminology() == seg_b.GetTerminology()
     assert np.array_equal(bridge.segment_mask(a, sa, vol), bridge.segment_mask(b, sb, vol))
     assert _dice(bridge.segment_mask(b, sb, vol), lesion) > 0.9
+
+
+def _editor(scene, seg, vol):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    node.SetAndObserveSegmentationNode(seg)
+    node.SetAndObserveSourceVolumeNode(vol)
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(scene)
+    editor.SetSegmentEditorNode(node)
+    return node, editor
+
+
+def test_lseg_overlapping_classes_keep_every_voxel_with_the_default_overwrite_mode(scene, logic, tmp_path):
+    """Written through the editor as the L-Seg effect writes them, with the editor's
+    default settings (overwrite "all segments"): each class keeps all its voxels, the
+    overwrite still applies to the user's own segments, and masking still restricts."""
+    vol, image, lesion, _ = _oblique_volume_node(scene, tmp_path)
+    classes = models.card("lseg")["classes"]
+    masks = {c["value"]: np.roll(lesion, 2 * c["value"], axis=2) for c in classes}   # shifted copies: overlapping
+    union = np.logical_or.reduce(list(masks.values()))
+    assert (masks[1] & masks[2]).sum() > 100
+    pred = Prediction(None, masks, None, classes, [])
+
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    bridge.prepare_segmentation(seg, vol)
+    user = bridge.add_class_segment(seg, {"value": 9, "name": "my drawing", "color": [0, 0, 255]})
+    drawing = np.zeros(lesion.shape, bool)
+    drawing[:, :, : lesion.shape[2] * 3 // 4] = True          # covers part of the classes
+    bridge.set_segment_mask(seg, user, drawing, vol)
+    node, editor = _editor(scene, seg, vol)
+    assert node.GetOverwriteMode() == slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments   # the default
+    before = _state(seg, vol)
+    editor.SaveStateForUndo()
+    logic.writePrediction(pred, vol, seg, model="lseg", editorLogic=editor)
+    for c in classes:
+        sid = bridge.find_class_segment(seg, c, "lseg")
+        got = bridge.segment_mask(seg, sid, vol)
+        assert got.sum() == masks[c["value"]].sum() and np.array_equal(got, masks[c["value"]]), c["name"]
+    # the user's overwrite setting still applies to their own segment
+    assert np.array_equal(bridge.segment_mask(seg, user, vol), drawing & ~union)
+    editor.Undo()
+    assert _state(seg, vol) == before
+
+    # masking against another segment: editable area inside the user's segment
+    seg2 = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s2")
+    bridge.prepare_segmentation(seg2, vol)
+    region = bridge.add_class_segment(seg2, {"value": 9, "name": "region", "color": [0, 0, 255]})
+    bridge.set_segment_mask(seg2, region, drawing, vol)
+    node2, editor2 = _editor(scene, seg2, vol)
+    node2.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    node2.SetMaskSegmentID(region)
+    logic.writePrediction(pred, vol, seg2, model="lseg", editorLogic=editor2)
+    for c in classes:
+        got = bridge.segment_mask(seg2, bridge.find_class_segment(seg2, c, "lseg"), vol)
+        assert np.array_equal(got, masks[c["value"]] & drawing), c["name"]

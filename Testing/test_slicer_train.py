@@ -12,9 +12,9 @@ if not hasattr(slicer, "vtkMRMLScene"):
 from slicer_support import lesion_volume  # noqa: E402
 
 from LesionSegLib import checkpoint  # noqa: E402
-from LesionSegLib import mrml_bridge as bridge  # noqa: E402
+from LesionSegLib.slicer import bridge  # noqa: E402
 from LesionSegLib.inference import CancelToken, Cancelled  # noqa: E402
-from LesionSegLib.slicer_logic import LesionSegLogic  # noqa: E402
+from LesionSegLib.slicer.logic import LesionSegLogic  # noqa: E402
 
 TINY = {"batch_size": 4, "size": [32, 32], "epoch_length": 2, "num_workers": 0,
         "model_config": {"base_width": 4, "depth": 2}}

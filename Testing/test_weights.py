@@ -220,7 +220,7 @@ def test_same_name_different_content_keeps_both_and_remove_and_clear(cache, smal
 def test_weights_module_does_not_import_torch():
     import subprocess
     import sys
-    code = ("import sys; import LesionSegLib.weights, LesionSegLib.slicer_logic, LesionSegLib.mrml_bridge; "
+    code = ("import sys; import LesionSegLib.weights, LesionSegLib.slicer.logic, LesionSegLib.slicer.bridge; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(Path(__file__).resolve().parents[1]), timeout=120)

@@ -1,20 +1,22 @@
 """Base class of the five LesionSeg Segment Editor effects (one per network).
 
 The effects are thin: options are stored on the segment editor node (saved with the
-scene), and all work goes through ``LesionSegLib.slicer_logic.LesionSegLogic``:
+scene; every parameter has a non-empty default), and all work goes through the one
+``LesionSegLogic`` of the application (``LesionSeg.sharedLogic()``):
 
-1. Apply: ``saveStateForUndo()``, the source volume is copied out of MRML on the main
-   thread (``logic.inputImage``);
-2. the network runs on a worker thread (``BackgroundJob`` → ``logic.predict``), with a
-   progress bar and Cancel; the GUI stays responsive (torch releases the GIL);
-3. back on the main thread, ``logic.writePrediction`` writes each class through the
+1. Apply: the logic writes the source volume (its exact geometry) to a file and starts
+   a worker process (``logic.startSegmentJob``); the segmentation, source volume and
+   selected segment of this Apply are pinned;
+2. a QTimer polls the worker (progress bar, Cancel kills it); Slicer stays responsive
+   because the network runs in another process, not on a thread that would need the GIL;
+3. back on the main thread, ``logic.finishSegmentJob`` writes each class through the
    effect's modifier labelmap with ``modifySegmentByLabelmap``, so the editor's masking
    settings (editable area, editable intensity range, overwrite of other segments)
    apply; Undo restores the previous state. Single-class networks write into the
    selected segment (a new, named segment when none is selected); multi-class networks
-   (L-Seg) write named, coloured, terminology-coded segments.
+   (L-Seg) write named, coloured, terminology-coded segments that keep their overlaps.
 
-A cancelled or failing run writes nothing. torch is never imported at file scope.
+A cancelled, crashed or failing run writes nothing. torch is never imported at file scope.
 """
 import os
 
@@ -25,29 +27,20 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _UI = os.path.join(_HERE, "..", "Resources", "UI", "LesionSegEffect.ui")
 _ICONS = os.path.join(_HERE, "..", "Resources", "Icons")
-POLL_MS = 100
-
-# one logic for all effect instances: the editor clones effects per widget, and a loaded
-# network (hundreds of MB) must not be duplicated per clone
-_shared_logic = None
 
 
 def sharedLogic():
-    global _shared_logic
-    if _shared_logic is None:
-        from LesionSegLib.slicer_logic import LesionSegLogic
-        _shared_logic = LesionSegLogic(scene=slicer.mrmlScene)
-    return _shared_logic
+    import LesionSeg
+    return LesionSeg.sharedLogic()
 
 
 class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
-    """Subclasses set MODEL (registry name), EFFECT_NAME, TITLE and __file__-based clone()."""
-
-    MODEL = ""
-    EFFECT_NAME = ""
-    TITLE = ""
+    """Subclasses only define a __file__-based clone(); their network, effect name and
+    title come from ``LesionSegLib.slicer.EFFECTS``, the one list of the five effects."""
 
     def __init__(self, scriptedEffect):
+        from LesionSegLib.slicer import effect_for_class
+        self.MODEL, self.EFFECT_NAME, self.TITLE = effect_for_class(self.__class__.__name__)
         scriptedEffect.name = self.EFFECT_NAME
         scriptedEffect.title = self.TITLE
         # multi-class networks write several segments; single-class ones choose the
@@ -55,10 +48,12 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = False
         scriptedEffect.requireSegments = False
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.job = None
-        self.timer = None
+        self.poller = None
         self.ui = None
-        self._running = None
+
+    @property
+    def job(self):
+        return self.poller.job if self.poller is not None else None
 
     # ------------------------------------------------------------------ identity
 
@@ -87,7 +82,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         self.ui.setObjectName(self.__class__.__name__ + "Options")
         self.scriptedEffect.addOptionsWidget(self.ui)
         self.w = slicer.util.childWidgetVariables(self.ui)
-        from LesionSegLib.slicer_logic import LesionSegLogic
+        from LesionSegLib.slicer.logic import LesionSegLogic
         for p in LesionSegLogic.presets(self.MODEL):
             self.w.presetComboBox.addItem(p, p)
         self.w.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
@@ -106,44 +101,37 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         self.fillSegments()
 
     def setMRMLDefaults(self):
-        from LesionSegLib import models
-        card = models.card(self.MODEL)
-        self.scriptedEffect.setParameterDefault("Preset", card.get("default_preset", ""))
-        self.scriptedEffect.setParameterDefault("Checkpoint", "")
-        self.scriptedEffect.setParameterDefault("Device", "auto")
-        self.scriptedEffect.setParameterDefault("UseCardThreshold", 1)
-        self.scriptedEffect.setParameterDefault("Threshold", float(card["outputs"].get("threshold", 0.5)))
-        self.scriptedEffect.setParameterDefault("TTA", 0)
-        self.scriptedEffect.setParameterDefault("ProbabilityMap", 0)
-        self.scriptedEffect.setParameterDefault("Segments", "")   # empty: all classes
+        from LesionSegLib.slicer.logic import LesionSegLogic
+        for name, value in LesionSegLogic.effectParameterDefaults(self.MODEL).items():
+            self.scriptedEffect.setParameterDefault(name, value)
+
+    def _param(self, name):
+        """A parameter's string, "" before the editor has a parameter node (never an
+        undefined-parameter lookup: every parameter has a non-empty default)."""
+        p = self.scriptedEffect
+        if not p.parameterSetNode() or not p.parameterDefined(name):
+            return ""
+        return p.parameter(name)
+
+    def _options(self):
+        from LesionSegLib.slicer.logic import LesionSegLogic
+        return LesionSegLogic.effectOptions(self.MODEL, self._param)
 
     def _preset(self):
-        return self.scriptedEffect.parameter("Preset") or None
+        return self._options()["preset"]
 
     def fillWeights(self):
-        logic = sharedLogic()
-        combo = self.w.weightsComboBox
-        blocked = combo.blockSignals(True)
-        combo.clear()
-        entries = [e for e in logic.installedWeights(self.MODEL)
-                   if e.preset in (None, self._preset())] if self.scriptedEffect.parameterSetNode() else []
-        combo.addItem("newest installed" if entries else "(no weights installed)", "")
-        for e in entries:
-            combo.addItem(e.label, e.id)
-        current = self.scriptedEffect.parameter("Checkpoint") if self.scriptedEffect.parameterSetNode() else ""
-        if current and combo.findData(current) < 0:
-            combo.addItem(os.path.basename(current), current)   # a file chosen earlier, kept in the scene
-        combo.setCurrentIndex(max(0, combo.findData(current)))
-        combo.blockSignals(blocked)
+        import LesionSeg
+        checkpoint = self._options()["checkpoint"] or ""
+        LesionSeg.fillWeightsCombo(self.w.weightsComboBox, self.MODEL, self._preset(), checkpoint)
 
     def fillSegments(self):
-        from LesionSegLib.slicer_logic import LesionSegLogic
+        from LesionSegLib.slicer.logic import LesionSegLogic
         lst = self.w.segmentsListWidget
         blocked = lst.blockSignals(True)
         lst.clear()
-        preset = self._preset() if self.scriptedEffect.parameterSetNode() else None
-        chosen = self._chosen_classes()
-        for cls in LesionSegLogic.modelCard(self.MODEL, preset)["classes"]:
+        chosen = self._options()["classes"]
+        for cls in LesionSegLogic.modelCard(self.MODEL, self._preset())["classes"]:
             item = qt.QListWidgetItem(cls["name"])
             item.setData(qt.Qt.UserRole, int(cls["value"]))
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
@@ -153,33 +141,28 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
             lst.addItem(item)
         lst.blockSignals(blocked)
 
-    def _chosen_classes(self):
-        if not self.scriptedEffect.parameterSetNode():
-            return None
-        text = self.scriptedEffect.parameter("Segments")
-        return None if not text else [int(v) for v in text.split(",") if v.strip()]
-
     def updateGUIFromMRML(self):
         if self.ui is None or not self.scriptedEffect.parameterSetNode():
             return
         w = self.w
-        for widget in (w.presetComboBox, w.deviceComboBox, w.useCardThresholdCheckBox, w.thresholdSliderWidget,
-                       w.ttaCheckBox, w.probabilityCheckBox):
+        o = self._options()
+        widgets = (w.presetComboBox, w.deviceComboBox, w.useCardThresholdCheckBox, w.thresholdSliderWidget,
+                   w.ttaCheckBox, w.probabilityCheckBox)
+        for widget in widgets:
             widget.blockSignals(True)
-        w.presetComboBox.setCurrentIndex(max(0, w.presetComboBox.findData(self._preset())))
-        w.deviceComboBox.setCurrentText(self.scriptedEffect.parameter("Device") or "auto")
-        use_card = bool(self.scriptedEffect.integerParameter("UseCardThreshold"))
+        w.presetComboBox.setCurrentIndex(max(0, w.presetComboBox.findData(o["preset"])))
+        w.deviceComboBox.setCurrentText(o["device"])
+        use_card = o["threshold"] is None
         w.useCardThresholdCheckBox.setChecked(use_card)
         w.thresholdSliderWidget.enabled = not use_card
-        w.thresholdSliderWidget.value = self.scriptedEffect.doubleParameter("Threshold")
-        w.ttaCheckBox.setChecked(bool(self.scriptedEffect.integerParameter("TTA")))
-        w.probabilityCheckBox.setChecked(bool(self.scriptedEffect.integerParameter("ProbabilityMap")))
-        for widget in (w.presetComboBox, w.deviceComboBox, w.useCardThresholdCheckBox, w.thresholdSliderWidget,
-                       w.ttaCheckBox, w.probabilityCheckBox):
+        w.thresholdSliderWidget.value = float(self._param("Threshold") or 0.5)
+        w.ttaCheckBox.setChecked(o["tta"])
+        w.probabilityCheckBox.setChecked(o["probabilities"])
+        for widget in widgets:
             widget.blockSignals(False)
         self.fillWeights()
         self.fillSegments()
-        running = self.job is not None
+        running = self.poller is not None
         source = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
         w.applyButton.enabled = not running and source is not None
         w.applyButton.toolTip = ("Run the network on the source volume" if source is not None
@@ -189,10 +172,11 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
     def updateMRMLFromGUI(self, *unused):
         if self.ui is None or not self.scriptedEffect.parameterSetNode():
             return
+        from LesionSegLib.slicer.logic import LesionSegLogic
         w = self.w
         with slicer.util.NodeModify(self.scriptedEffect.parameterSetNode()):
-            self.scriptedEffect.setParameter("Preset", w.presetComboBox.currentData or "")
-            self.scriptedEffect.setParameter("Checkpoint", w.weightsComboBox.currentData or "")
+            self.scriptedEffect.setParameter("Preset", w.presetComboBox.currentData or "default")
+            self.scriptedEffect.setParameter("Checkpoint", w.weightsComboBox.currentData or LesionSegLogic.NEWEST_WEIGHTS)
             self.scriptedEffect.setParameter("Device", w.deviceComboBox.currentText)
             self.scriptedEffect.setParameter("UseCardThreshold", 1 if w.useCardThresholdCheckBox.checked else 0)
             self.scriptedEffect.setParameter("Threshold", float(w.thresholdSliderWidget.value))
@@ -202,7 +186,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
                       for i in range(w.segmentsListWidget.count)
                       if w.segmentsListWidget.item(i).checkState() == qt.Qt.Checked]
             everything = len(values) == w.segmentsListWidget.count
-            self.scriptedEffect.setParameter("Segments", "" if everything else ",".join(values))
+            self.scriptedEffect.setParameter("Segments", LesionSegLogic.ALL_CLASSES if everything else ",".join(values))
 
     def onPresetChanged(self, *unused):
         self.updateMRMLFromGUI()
@@ -210,54 +194,30 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         self.fillSegments()
 
     def onImportWeights(self):
-        path = qt.QFileDialog.getOpenFileName(self.ui, "Import network weights", "",
-                                              "Weights (*.pt *.pth *.ckpt *.safetensors);;All files (*)")
-        if not path:
-            return
-        if not self._ensure_torch():
-            return
-        try:
-            with slicer.util.WaitCursor():
-                entry = sharedLogic().importCheckpoint(path, model=self.MODEL, preset=self._preset())
-        except Exception as e:
-            slicer.util.errorDisplay(f"Could not import {path}:\n{e}")
-            return
-        self.scriptedEffect.setParameter("Checkpoint", entry.id)
-        self.fillWeights()
+        import LesionSeg
+        entry = LesionSeg.importWeightsDialog(self.ui, self.MODEL, self._preset())
+        if entry is not None:
+            self.scriptedEffect.setParameter("Checkpoint", entry.id)
+            self.fillWeights()
 
     def onModelCard(self):
-        from LesionSegLib.slicer_logic import LesionSegLogic
+        from LesionSegLib.slicer.cardhtml import model_card_html
         dialog = qt.QDialog(self.ui)
         dialog.setWindowTitle(f"Model card: {self.TITLE}")
         layout = qt.QVBoxLayout(dialog)
         browser = qt.QTextBrowser()
         browser.setOpenExternalLinks(True)
-        browser.setHtml(LesionSegLogic.modelCardText(self.MODEL, self._preset()))
+        browser.setHtml(model_card_html(self.MODEL, self._preset()))
         layout.addWidget(browser)
         dialog.resize(640, 520)
         dialog.exec_()
 
     # ------------------------------------------------------------------ running
 
-    def _ensure_torch(self):
-        import LesionSeg
-        return LesionSeg.ensureTorch()
-
-    def _options(self):
-        p = self.scriptedEffect
-        return {
-            "model": self.MODEL,
-            "checkpoint": p.parameter("Checkpoint") or None,
-            "preset": self._preset(),
-            "device": p.parameter("Device") or "auto",
-            "threshold": None if p.integerParameter("UseCardThreshold") else p.doubleParameter("Threshold"),
-            "tta": bool(p.integerParameter("TTA")),
-            "probabilities": bool(p.integerParameter("ProbabilityMap")),
-        }
-
     def onApply(self):
-        """Start the network on a worker thread (returns at once)."""
-        if self.job is not None:
+        """Start the network in a worker process (returns at once)."""
+        import LesionSeg
+        if self.poller is not None:
             return
         editor = self.scriptedEffect.parameterSetNode()
         volume = editor.GetSourceVolumeNode() if editor else None
@@ -265,80 +225,41 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         if volume is None or segmentation is None:
             slicer.util.errorDisplay("Select a segmentation and a source volume first.")
             return
-        if not self._ensure_torch():
+        if not LesionSeg.ensureTorch():
             return
-        logic = sharedLogic()
         options = self._options()
+        options.pop("classes")
         try:
-            # resolve weights now, on the main thread, so that a missing file is reported at once
-            if logic.resolveCheckpoint(self.MODEL, options["checkpoint"], options["preset"]) is None \
-                    and not getattr(self, "allowRandomWeights", False):
-                raise ValueError("No weights are installed for this network. Import or download weights in "
-                                 "the LesionSeg module (Weights section), or train the network there.")
-            image = logic.inputImage(volume)
+            run = sharedLogic().startSegmentJob(volume, segmentation, selectedSegmentId=editor.GetSelectedSegmentID(),
+                                                allowRandomWeights=getattr(self, "allowRandomWeights", False),
+                                                **options)
         except Exception as e:
             slicer.util.errorDisplay(str(e))
             return
-        from LesionSegLib.slicer_logic import BackgroundJob
-        self._running = {"volume": volume, "segmentation": segmentation,
-                         "selected": editor.GetSelectedSegmentID(), "options": options}
-        self.job = BackgroundJob(logic.predict, image, allowRandomWeights=getattr(self, "allowRandomWeights", False),
-                                 **options).start()
         self.w.progressBar.value = 0
         self.w.progressBar.visible = True
         self.w.statusLabel.text = "starting"
-        self.timer = qt.QTimer()
-        self.timer.setInterval(POLL_MS)
-        self.timer.connect("timeout()", self._poll)
-        self.timer.start()
+        self.poller = LesionSeg.JobPoller(run, self._progress, self._finished)
         self.updateGUIFromMRML()
 
+    def _progress(self, fraction, message):
+        self.w.progressBar.value = int(round(fraction * 100))
+        self.w.statusLabel.text = message
+
     def onCancel(self):
-        if self.job is not None:
-            self.job.cancel()
+        if self.poller is not None:
+            self.poller.cancel()
             self.w.statusLabel.text = "cancelling…"
 
     def isRunning(self):
-        return self.job is not None
+        return self.poller is not None
 
-    def _poll(self):
-        job = self.job
-        if job is None:
-            return
-        self.w.progressBar.value = int(round(job.fraction * 100))
-        self.w.statusLabel.text = job.message
-        if not job.done:
-            return
-        self.timer.stop()
-        self.job = None
-        running, self._running = self._running, None
+    def _finished(self, run):
+        """Main thread: write the result into the nodes of the Apply through the modifier
+        labelmap (masking, undo), or report why nothing was written."""
+        from LesionSegLib.slicer import bridge
+        self.poller = None
         self.w.progressBar.visible = False
-        try:
-            if job.cancelled:
-                self.w.statusLabel.text = "Cancelled: the segmentation was not changed."
-            elif job.error is not None:
-                self.w.statusLabel.text = "Failed: the segmentation was not changed."
-                slicer.util.errorDisplay(f"{self.TITLE} failed: {job.error}")
-            else:
-                self._write(job.result, running)
-        finally:
-            self.updateGUIFromMRML()
-
-    def _write(self, prediction, running):
-        """Main thread: write the prediction through the modifier labelmap (masking, undo)."""
-        from LesionSegLib import mrml_bridge as bridge
-        volume, segmentation = running["volume"], running["segmentation"]
-        if volume.GetScene() is None or segmentation.GetScene() is None:
-            self.w.statusLabel.text = "The volume or segmentation was removed while the network was running."
-            return
-        logic = sharedLogic()
-        options = running["options"]
-        chosen = self._chosen_classes()
-        segment_ids = None
-        classes = list(prediction.classes)
-        if len(classes) == 1 and running["selected"] and segmentation.GetSegmentation().GetSegment(running["selected"]):
-            segment_ids = {int(classes[0]["value"]): running["selected"]}
-
         effect = self.scriptedEffect
 
         def writer(segmentationNode, segmentId, mask, volumeNode):
@@ -348,33 +269,37 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
             effect.modifySegmentByLabelmap(segmentationNode, segmentId, modifier,
                                            slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
 
-        effect.saveStateForUndo()
         try:
             with slicer.util.WaitCursor():
-                logic.writePrediction(
-                    prediction, volume, segmentation, model=self.MODEL, classes=chosen, segmentIds=segment_ids,
-                    probabilityVolume=options["probabilities"], writer=writer,
-                    provenance={"model": self.MODEL, "preset": options["preset"] or "",
-                                "checkpoint": logic.resolveCheckpoint(self.MODEL, options["checkpoint"],
-                                                                      options["preset"]) or "random weights"})
+                segmentation = sharedLogic().finishSegmentJob(
+                    run, editorNode=effect.parameterSetNode(), writer=writer,
+                    saveStateForUndo=effect.saveStateForUndo, classes=self._options()["classes"])
+            if segmentation is None:
+                self.w.statusLabel.text = "Cancelled: the segmentation was not changed."
+                return
+            prediction = sharedLogic().lastPrediction
+            classes = list(prediction.classes)
+            if run.selectedSegmentId is None and len(classes) == 1:
+                from LesionSegLib.slicer import bridge as b
+                sid = b.find_class_segment(segmentation, classes[0], self.MODEL)
+                if sid:
+                    effect.parameterSetNode().SetSelectedSegmentID(sid)
+            n = sum(int(m.sum()) for m in prediction.masks.values())
+            self.w.statusLabel.text = f"Done: {n} voxels in {len(classes)} segment(s)."
         except Exception as e:
-            slicer.util.errorDisplay(f"{self.TITLE}: writing the result failed, the segmentation was restored: {e}")
-            return
-        if segment_ids is None and len(classes) == 1:
-            sid = bridge.find_class_segment(segmentation, classes[0], self.MODEL)
-            if sid:
-                effect.parameterSetNode().SetSelectedSegmentID(sid)
-        n = sum(int(prediction.masks[int(c["value"])].sum()) for c in classes if int(c["value"]) in prediction.masks)
-        self.w.statusLabel.text = f"Done: {n} voxels in {len(chosen or classes)} segment(s)."
+            self.w.statusLabel.text = "Failed: the segmentation was not changed."
+            slicer.util.errorDisplay(f"{self.TITLE}: {e}")
+        finally:
+            self.updateGUIFromMRML()
 
     def waitForCompletion(self, timeout_s=600):
         """For scripts and the self-test: process events until the run has finished."""
         import time
         start = time.time()
-        while self.job is not None and time.time() - start < timeout_s:
+        while self.poller is not None and time.time() - start < timeout_s:
             slicer.app.processEvents()
             time.sleep(0.02)
-        return self.job is None
+        return self.poller is None
 
     def deactivate(self):
         # switching to another effect stops a run: its result would have nowhere to go
@@ -382,8 +307,8 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         self.onCancel()
 
     def cleanup(self):
-        if self.timer is not None:
-            self.timer.stop()
-        if self.job is not None:
-            self.job.cancel()
+        if self.poller is not None:
+            self.poller.stop()
+            self.poller.cancel()
+            self.poller = None
         AbstractScriptedSegmentEditorEffect.cleanup(self)

@@ -1,15 +1,12 @@
 """Segment Editor effect "LesionSeg BSNet": the BSNet network (COVID-19 lung infection on CT).
-All behaviour is in AbstractLesionSegEffect; this file only names the network."""
+All behaviour is in AbstractLesionSegEffect; this file only names the network
+(its effect name and title are in LesionSegLib.slicer.EFFECTS)."""
 import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
 from .AbstractLesionSegEffect import AbstractLesionSegEffect
 
 
 class SegmentEditorLesionSegBSNetEffect(AbstractLesionSegEffect):
-    MODEL = "bsnet"
-    EFFECT_NAME = "LesionSeg BSNet"
-    TITLE = "BSNet"
-
     def clone(self):
         # the editor widget clones registered effects; the class is found again by file name
         cloned = effects.qSlicerSegmentEditorScriptedEffect(None)

@@ -1,15 +1,12 @@
 """Segment Editor effect "LesionSeg MS-LKSeg": the MS-LKSeg network (general lesions in 2D medical images).
-All behaviour is in AbstractLesionSegEffect; this file only names the network."""
+All behaviour is in AbstractLesionSegEffect; this file only names the network
+(its effect name and title are in LesionSegLib.slicer.EFFECTS)."""
 import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
 from .AbstractLesionSegEffect import AbstractLesionSegEffect
 
 
 class SegmentEditorLesionSegMSLKSegEffect(AbstractLesionSegEffect):
-    MODEL = "mslkseg"
-    EFFECT_NAME = "LesionSeg MS-LKSeg"
-    TITLE = "MS-LKSeg"
-
     def clone(self):
         # the editor widget clones registered effects; the class is found again by file name
         cloned = effects.qSlicerSegmentEditorScriptedEffect(None)

@@ -19,14 +19,11 @@ __all__ = ["AbstractLesionSegEffect", "SegmentEditorLesionSegMSENetEffect", "Seg
            "SegmentEditorLesionSegLSegEffect", "SegmentEditorLesionSegBSNetEffect",
            "SegmentEditorLesionSegMSLKSegEffect", "EFFECT_CLASSES", "registerEffects"]
 
-#: effect file (= class) names, in the order they appear in the editor
-EFFECT_CLASSES = [
-    "SegmentEditorLesionSegMSENetEffect",
-    "SegmentEditorLesionSegM2SNetEffect",
-    "SegmentEditorLesionSegLSegEffect",
-    "SegmentEditorLesionSegBSNetEffect",
-    "SegmentEditorLesionSegMSLKSegEffect",
-]
+#: effect file (= class) names, in the order they appear in the editor (from the one list
+#: of the five effects, LesionSegLib.slicer.EFFECTS)
+from LesionSegLib.slicer import EFFECTS as _EFFECTS  # noqa: E402
+
+EFFECT_CLASSES = [cls for _model, cls, _name, _title in _EFFECTS]
 
 
 def registerEffects():

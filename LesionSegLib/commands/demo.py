@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import Predictor
     from ..inference.io import lesions_csv, write_image, write_text
     from ..metrics import dice_iou
-    from ..segnrrd import write_seg_nrrd
+    from ..slicer.segnrrd import write_seg_nrrd
 
     demo, out = Path(args.demo_dir), Path(args.out)
     for rel in (VOLUME, MODEL):

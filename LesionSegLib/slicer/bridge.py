@@ -72,8 +72,14 @@ def new_scene():
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)
-    logics = [("Colors", slicer.vtkSlicerColorLogic()), ("Volumes", slicer.vtkSlicerVolumesLogic()),
-              ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic())]
+    logics = [("Colors", slicer.vtkSlicerColorLogic()), ("Volumes", slicer.vtkSlicerVolumesLogic())]
+    # a Segmentations logic registers the segmentation converter rules into the process's
+    # global factory each time it gets a scene: only the first scene of a process gets one
+    # (in Slicer, the application's Segmentations module has registered them already)
+    if not slicer.vtkSegmentationConverterFactory.GetInstance().GetConverterRules():
+        logics.append(("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic()))
+    else:   # the one node class that logic would have registered with this scene
+        scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
     for name, logic in logics:
         # order matters: the colour logic looks for the application logic in SetMRMLScene
         logic.SetMRMLApplicationLogic(app_logic)
@@ -375,11 +381,12 @@ def mask_labelmap(mask: np.ndarray, volume_node, segmentation_node):
 
 
 def resample_to(image, reference):
-    """Nearest-neighbour resample of an oriented image onto another's geometry."""
+    """Nearest-neighbour resample of an oriented image onto another's geometry, extent
+    included: nothing lands outside the reference (no padding)."""
     import slicer
     out = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-            image, reference, out, False, True):
+            image, reference, out, False, False):
         raise BridgeError("could not resample the labelmap to the segmentation geometry")
     return out
 

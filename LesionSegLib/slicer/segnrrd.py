@@ -17,8 +17,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .fileio import atomic_path
-from .mrml_bridge import CLASS_TAG, class_tag, terminology_entry
+from ..fileio import atomic_path
+from .bridge import CLASS_TAG, class_tag, terminology_entry
 
 
 def _layers(masks: Mapping[int, np.ndarray]) -> Dict[int, int]:

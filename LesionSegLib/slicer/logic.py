@@ -8,13 +8,17 @@ nothing. ``LesionSeg/LesionSeg.py`` exposes it as ``LesionSegLogic`` the Slicer 
 
 Console::
 
-    logic = slicer.util.getModuleLogic("LesionSeg")          # or LesionSegLib.slicer_logic.LesionSegLogic()
+    logic = slicer.util.getModuleLogic("LesionSeg")          # or LesionSegLib.slicer.logic.LesionSegLogic()
     seg = logic.segment(volumeNode, model="msenet", preset="isles-dwi")
     summary = logic.segmentFiles(["/data/cases"], "/data/out", model="m2snet", preset="covid-ct")
 
-Work is split so that the GUI can keep MRML on the main thread: :meth:`inputImage`
-(main thread: copies the voxels out of the node), :meth:`predict` (any thread: no MRML)
-and :meth:`writePrediction` (main thread). :meth:`segment` runs the three in a row.
+Work is split so that the GUI keeps MRML on the main thread and the network out of
+Slicer's process: :meth:`startSegmentJob` (main thread: writes the source volume with its
+geometry to a file and starts a worker process, :mod:`.worker`), the worker's
+:meth:`predict` (no MRML), then :meth:`finishSegmentJob` (main thread: reads the result
+and writes it through the editor's modifier labelmap). Batches, training and downloads
+from the panel go through the same worker (:meth:`startBatchJob`, :meth:`startTrainJob`,
+:meth:`startDownloadJob`). :meth:`segment` (console, scripts) runs in this process.
 Nothing is written into a segmentation until the prediction is complete, so a cancelled
 or failing run leaves it exactly as it was; a write that fails half-way is rolled back.
 """
@@ -31,13 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from . import mrml_bridge as bridge
-from . import weights as _weights
+from . import EFFECT_MODELS, bridge
+from .. import weights as _weights
 
 logger = logging.getLogger("LesionSeg")
 
-#: the five published networks, one Segment Editor effect each
-EFFECT_MODELS = ("msenet", "m2snet", "lseg", "bsnet", "mslkseg")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
                   ".bmp")
 OUTPUT_FORMATS = ("seg.nrrd", "nii.gz", "nrrd")
@@ -83,7 +85,7 @@ def _scaled(progress: Progress, start: float, stop: float, prefix: str = "") -> 
 
 def _is_cancelled(exc: BaseException) -> bool:
     try:
-        from .inference import Cancelled
+        from ..inference import Cancelled
     except ImportError:  # pragma: no cover - inference always ships with the logic
         return False
     return isinstance(exc, Cancelled)
@@ -131,59 +133,23 @@ class LesionSegLogic:
     @staticmethod
     def models(all: bool = False) -> List[str]:
         """Registry names: the five published networks (``all``: with the baselines)."""
-        from . import models
+        from .. import models
         return models.list_models() if all else list(EFFECT_MODELS)
 
     @staticmethod
     def presets(model: str) -> List[str]:
-        from . import models
+        from .. import models
         return list(models.card(model).get("presets", {}))
 
     @staticmethod
     def modelCard(model: str, preset: Optional[str] = None) -> Dict[str, Any]:
         """The model card with the task preset's input, classes and outputs merged in."""
-        from . import models
+        from .. import models
         card = models.card(model)
         p = models.preset(model, preset)
         card["input"], card["classes"], card["outputs"] = p["input"], p["classes"], p["outputs"]
         card["preset"] = p
         return card
-
-    @classmethod
-    def modelCardText(cls, model: str, preset: Optional[str] = None) -> str:
-        """The card as HTML for the module panel: what the network is, what it segments,
-        what input it expects, what was reconstructed, and where it came from."""
-        import html
-        c = cls.modelCard(model, preset)
-        p = c["preset"]
-        e = html.escape
-        paper = c.get("paper", {})
-        rows = [f"<h3>{e(c['display_name'])} — {e(p['name'])}</h3>", f"<p><i>{e(c.get('title', ''))}</i></p>"]
-        if paper:
-            cite = ", ".join(str(x) for x in (paper.get("authors"), paper.get("venue"), paper.get("year")) if x)
-            if paper.get("doi"):
-                cite += f", doi:{paper['doi']}"
-            rows.append(f"<p>{e(cite)}</p>")
-        rows.append(f"<p>{e(c.get('summary', ''))}</p>")
-        rows.append(f"<p><b>Task:</b> {e(p.get('description', ''))}<br><b>Modality:</b> {e(str(p.get('modality', '')))}</p>")
-        inp = c["input"]
-        rows.append(f"<p><b>Input:</b> {inp.get('dims', 2)}D slices, {inp['channels']} channel(s), "
-                    f"{e(str(inp.get('normalization', {}).get('kind', '')))} normalisation"
-                    + (f", window C {inp['window']['center']} / W {inp['window']['width']}" if inp.get("window") else "")
-                    + "</p>")
-        classes = ", ".join(f"<span style='color:rgb({','.join(str(v) for v in k.get('color', [0, 0, 0]))})'>&#9632;</span> "
-                            f"{e(k['name'])}" for k in c["classes"])
-        out = c["outputs"]
-        rows.append(f"<p><b>Segments:</b> {classes} ({e(out['activation'])}, threshold {out.get('threshold', 0.5)}"
-                    + (", classes may overlap" if out.get("multi_label") else "") + ")</p>")
-        rec = c.get("reconstructed") or []
-        if rec:
-            rows.append("<p><b>Reconstructed (not from official code):</b></p><ul>"
-                        + "".join(f"<li>{e(r.get('part', ''))}: {e(r.get('reason', ''))}</li>" for r in rec) + "</ul>")
-        pre = c.get("pretrained", {})
-        if pre.get("official_checkpoint"):
-            rows.append(f"<p><b>Official weights:</b> {e(pre['official_checkpoint'])}</p>")
-        return "\n".join(rows)
 
     # ------------------------------------------------------------------ weights
 
@@ -232,22 +198,84 @@ class LesionSegLogic:
         entry = _weights.find(model, preset)
         return entry.path if entry else None
 
-    # ------------------------------------------------------------------ inference
-
-    def predictor(self, model: str = "msenet", checkpoint=None, preset: Optional[str] = None, device: str = "auto",
-                  tta: bool = False, allowRandomWeights: bool = False):
-        """A (cached) :class:`LesionSegLib.inference.Predictor`. Without weights it
-        refuses, unless ``allowRandomWeights`` (tests, demonstrations)."""
-        from .inference import Predictor
+    def requireWeights(self, model: str, checkpoint=None, preset: Optional[str] = None,
+                       allowRandomWeights: bool = False) -> Optional[str]:
+        """The weight file a run will use, or a :class:`LesionSegError` saying that none is
+        installed and what to do (the one "no weights" check of the module and effects)."""
         path = self.resolveCheckpoint(model, checkpoint, preset)
         if path is None and not allowRandomWeights:
-            from . import models
+            from .. import models
             name = models.card(model)["display_name"]
             raise LesionSegError(
                 f"no weights installed for {name}"
                 + (f" ({preset})" if preset else "")
                 + ": import a checkpoint file or download weights in the LesionSeg module (Weights section), "
                   "or train the network on your own cases")
+        return path
+
+    @staticmethod
+    def weightsChoices(model: str, preset: Optional[str] = None) -> List[tuple]:
+        """(label, value) items of a weights selector: "newest installed" (value "") and
+        the installed weights of ``model`` usable with ``preset``."""
+        entries = [e for e in _weights.list_installed(model) if e.preset in (None, preset)]
+        items = [("newest installed" if entries else "(no weights installed: see the LesionSeg module)", "")]
+        return items + [(e.label, e.id) for e in entries]
+
+    @staticmethod
+    def weightsFileFilter() -> str:
+        """File-dialog filter for importing weights (``.safetensors`` only when the
+        safetensors package is installed)."""
+        import importlib.util
+        patterns = ["*.pt", "*.pth", "*.ckpt"]
+        if importlib.util.find_spec("safetensors") is not None:
+            patterns.append("*.safetensors")
+        return f"Weights ({' '.join(patterns)});;All files (*)"
+
+    # ------------------------------------------------------------------ effect parameters
+
+    #: parameter values that stand for "no choice": Slicer treats an empty parameter as
+    #: undefined (it logs "Parameter … cannot be found"), so every default is non-empty
+    NEWEST_WEIGHTS = "newest"
+    ALL_CLASSES = "all"
+
+    @classmethod
+    def effectParameterDefaults(cls, model: str) -> Dict[str, str]:
+        """The Segment Editor effect's parameters (stored on the segment editor node) with
+        their defaults, all non-empty."""
+        from .. import models
+        card = models.card(model)
+        preset = card.get("default_preset") or next(iter(card.get("presets", {})), "")
+        threshold = models.preset(model, preset or None)["outputs"].get("threshold", 0.5)
+        return {"Preset": preset or "default", "Checkpoint": cls.NEWEST_WEIGHTS, "Device": "auto",
+                "UseCardThreshold": "1", "Threshold": repr(float(threshold)), "TTA": "0", "ProbabilityMap": "0",
+                "Segments": cls.ALL_CLASSES}
+
+    @classmethod
+    def effectOptions(cls, model: str, parameter: Callable[[str], str]) -> Dict[str, Any]:
+        """:meth:`startSegmentJob` options from an effect's parameters (``parameter(name)``
+        returns the stored string); also "classes": the class values to write, or None."""
+        p = {k: (parameter(k) or v) for k, v in cls.effectParameterDefaults(model).items()}
+        checkpoint = p["Checkpoint"]
+        segments = p["Segments"]
+        return {
+            "model": model,
+            "checkpoint": None if checkpoint == cls.NEWEST_WEIGHTS else checkpoint,
+            "preset": None if p["Preset"] == "default" else p["Preset"],
+            "device": p["Device"],
+            "threshold": None if int(float(p["UseCardThreshold"])) else float(p["Threshold"]),
+            "tta": bool(int(float(p["TTA"]))),
+            "probabilities": bool(int(float(p["ProbabilityMap"]))),
+            "classes": None if segments == cls.ALL_CLASSES else [int(v) for v in segments.split(",") if v.strip()],
+        }
+
+    # ------------------------------------------------------------------ inference
+
+    def predictor(self, model: str = "msenet", checkpoint=None, preset: Optional[str] = None, device: str = "auto",
+                  tta: bool = False, allowRandomWeights: bool = False):
+        """A (cached) :class:`LesionSegLib.inference.Predictor`. Without weights it
+        refuses, unless ``allowRandomWeights`` (tests, demonstrations)."""
+        from ..inference import Predictor
+        path = self.requireWeights(model, checkpoint, preset, allowRandomWeights)
         stamp = os.stat(path).st_mtime_ns if path else None
         key = (model, path, stamp, preset, device, bool(tta))
         with self._lock:
@@ -355,6 +383,7 @@ class LesionSegLogic:
         saved = bridge.snapshot(segmentationNode)
         try:
             bridge.prepare_segmentation(segmentationNode, volumeNode)
+            ids = {}
             for cls in chosen:
                 v = int(cls["value"])
                 sid = targets.get(v)
@@ -368,12 +397,39 @@ class LesionSegLogic:
                     # a user-chosen segment keeps its name and colour; record what filled it
                     segmentationNode.GetSegmentation().GetSegment(sid).SetTag(
                         bridge.CLASS_TAG, bridge.class_tag(model, v))
+                ids[v] = sid
+
+            def write(v):
                 if writer is not None:
-                    writer(segmentationNode, sid, masks[v], volumeNode)
+                    writer(segmentationNode, ids[v], masks[v], volumeNode)
                 elif editorLogic is not None:
-                    bridge.modify_segment_with_editor(editorLogic, segmentationNode, sid, masks[v], volumeNode)
+                    bridge.modify_segment_with_editor(editorLogic, segmentationNode, ids[v], masks[v], volumeNode)
                 else:
-                    bridge.set_segment_mask(segmentationNode, sid, masks[v], volumeNode)
+                    bridge.set_segment_mask(segmentationNode, ids[v], masks[v], volumeNode)
+
+            through_editor = writer is not None or editorLogic is not None
+            if not through_editor or len(ids) == 1:
+                for v in ids:
+                    write(v)
+            else:
+                # The classes of one result may overlap (L-Seg). Written one after the
+                # other through the editor, each would be cut by the ones before it: by
+                # the overwrite mode ("all segments" by default), and by masking when a
+                # class's voxels leave a mask segment. So: what the editor makes of each
+                # class is taken on the segmentation as it was before this result…
+                before = bridge.snapshot(segmentationNode)
+                alone = {}
+                for v in ids:
+                    write(v)
+                    alone[v] = bridge.segment_mask(segmentationNode, ids[v], volumeNode)
+                    bridge.restore(segmentationNode, before)
+                # …all classes are written in turn, so that the overwrite mode applies to
+                # the other segments as the user set it, then each class gets its voxels back.
+                for v in ids:
+                    write(v)
+                for v, mask in alone.items():
+                    if not np.array_equal(bridge.segment_mask(segmentationNode, ids[v], volumeNode), mask):
+                        bridge.set_segment_mask(segmentationNode, ids[v], mask, volumeNode)
             for key, value in (provenance or {}).items():
                 segmentationNode.SetAttribute(f"LesionSeg.{key}", str(value))
         except BaseException:
@@ -461,6 +517,166 @@ class LesionSegLogic:
                         "threshold": "card" if threshold is None else threshold})
         _call(progress, 1.0, "done")
         return node
+
+    # ------------------------------------------------------------------ worker jobs
+
+    @staticmethod
+    def _job_options(python=None, env=None) -> Dict[str, Any]:
+        return {"python": python, "env": env}
+
+    def startSegmentJob(self, volumeNode, segmentationNode=None, model: str = "msenet", checkpoint=None,
+                        preset: Optional[str] = None, device: str = "auto", threshold: Optional[float] = None,
+                        tta: bool = False, probabilities: bool = False, minLesionSizeMm3: float = 0.0,
+                        selectedSegmentId: Optional[str] = None, allowRandomWeights: bool = False,
+                        python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> "SegmentJob":
+        """Start segmenting ``volumeNode`` in a worker process (main thread; returns at once).
+
+        The weights are resolved and the source volume is written to the job folder
+        with its exact geometry now; the nodes are pinned: :meth:`finishSegmentJob`
+        writes into these, whatever the user selects meanwhile. Poll ``job.poll()``."""
+        from .worker import WorkerJob
+        if volumeNode is None:
+            raise LesionSegError("no input volume selected")
+        path = self.requireWeights(model, checkpoint, preset, allowRandomWeights)
+        image = self.inputImage(volumeNode)
+        args = {"input": "input.nrrd", "model": model, "checkpoint": path, "preset": preset, "device": device,
+                "threshold": threshold, "tta": bool(tta), "probabilities": bool(probabilities),
+                "minLesionSizeMm3": float(minLesionSizeMm3), "allowRandomWeights": bool(allowRandomWeights)}
+        job = WorkerJob("segment", args, python=python, env=env)
+        try:
+            import SimpleITK as sitk
+            sitk.WriteImage(image, str(job.path("input.nrrd")), True)
+            job.start()
+        except BaseException:
+            job.cleanup()
+            raise
+        return SegmentJob(job, volumeNode, segmentationNode, selectedSegmentId,
+                          {"model": model, "preset": preset, "checkpoint": path, "threshold": threshold,
+                           "probabilities": bool(probabilities)})
+
+    def readSegmentResult(self, job, volumeNode):
+        """The worker's result as a ``Prediction`` on ``volumeNode``'s grid (refused when
+        a mask is not on that grid)."""
+        import numpy as np
+        import SimpleITK as sitk
+        from ..inference.predictor import Prediction
+        from .worker import WorkerError
+        if job.error:
+            raise WorkerError(job.error)
+        if job.result is None:
+            raise WorkerError("the job produced no result")
+        res = job.result
+        dims = volumeNode.GetImageData().GetDimensions()
+        shape = (dims[2], dims[1], dims[0])
+        reference = self.inputImage(volumeNode)
+        masks, probs = {}, []
+        for cls in res["classes"]:
+            v = int(cls["value"])
+            name = res["masks"].get(str(v))
+            if name is None:
+                continue
+            image = sitk.ReadImage(str(job.path(name)))
+            arr = sitk.GetArrayFromImage(image)
+            if arr.shape != shape or not np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6) \
+                    or not np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4) \
+                    or not np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6):
+                raise WorkerError(f"the result for {cls['name']!r} is not on the grid of {volumeNode.GetName()!r}")
+            masks[v] = arr.astype(bool)
+            if res.get("probabilities"):
+                probs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(job.path(res["probabilities"][str(v)])))))
+        probabilities = np.stack(probs).astype(np.float32) if probs else None
+        return Prediction(None, masks, probabilities, list(res["classes"]), list(res.get("lesions") or []),
+                          dict(res.get("info") or {}))
+
+    def finishSegmentJob(self, run: "SegmentJob", editorNode=None, editorLogic=None, writer=None,
+                         saveStateForUndo: Optional[Callable[[], None]] = None, classes=None):
+        """Main thread, once ``run.job.poll()`` is True: write the result into the nodes of
+        the Apply and return the segmentation node. Raises ``WorkerError`` (one line) when
+        the worker failed; returns None when it was cancelled. Nothing is changed then.
+
+        With ``editorNode`` (the Segment Editor's parameter node) the editor is pointed
+        back at the Apply's segmentation and source volume if the user switched them
+        meanwhile, so that the result, its undo state and the masking all belong to the
+        nodes of the Apply. ``editorLogic`` (a ``vtkSlicerSegmentEditorLogic``) or
+        ``writer`` (an effect's modifier-labelmap writer) writes through the editor;
+        ``saveStateForUndo`` (default: the editor logic's) is called before the first voxel."""
+        job = run.job
+        try:
+            if job.cancelled:
+                return None
+            if run.volume.GetScene() is None or (run.segmentation is not None and run.segmentation.GetScene() is None):
+                raise LesionSegError("the volume or segmentation of this run was removed while the network was running")
+            prediction = self.readSegmentResult(job, run.volume)
+            self.lastPrediction = prediction
+            if editorNode is not None:
+                if run.segmentation is not None and editorNode.GetSegmentationNode() is not run.segmentation:
+                    editorNode.SetAndObserveSegmentationNode(run.segmentation)
+                if editorNode.GetSourceVolumeNode() is not run.volume:
+                    editorNode.SetAndObserveSourceVolumeNode(run.volume)
+            segment_ids = None
+            cls_list = list(prediction.classes)
+            if (len(cls_list) == 1 and run.selectedSegmentId and run.segmentation is not None
+                    and run.segmentation.GetSegmentation().GetSegment(run.selectedSegmentId) is not None):
+                segment_ids = {int(cls_list[0]["value"]): run.selectedSegmentId}
+            if saveStateForUndo is not None:
+                saveStateForUndo()
+            elif editorLogic is not None:
+                editorLogic.SaveStateForUndo()
+            options = run.options
+            return self.writePrediction(
+                prediction, run.volume, run.segmentation, model=options["model"], classes=classes,
+                segmentIds=segment_ids, editorLogic=editorLogic, writer=writer,
+                probabilityVolume=options["probabilities"],
+                provenance={"model": options["model"], "preset": options["preset"] or "",
+                            "checkpoint": options["checkpoint"] or "random weights",
+                            "threshold": "card" if options["threshold"] is None else options["threshold"]})
+        finally:
+            job.cleanup()
+
+    def startBatchJob(self, paths, outputDir, python=None, env=None, **options):
+        """:meth:`segmentFiles` in a worker process (the panel's batch)."""
+        from .worker import WorkerJob
+        if options.get("outputFormat", "seg.nrrd") not in OUTPUT_FORMATS:
+            raise LesionSegError(f"unknown output format {options['outputFormat']!r}; "
+                                 f"use one of {', '.join(OUTPUT_FORMATS)}")
+        if not image_files(paths):
+            raise LesionSegError(f"no image files in {paths!r}")
+        options["checkpoint"] = self.requireWeights(options.get("model", "msenet"), options.get("checkpoint"),
+                                                    options.get("preset"), options.get("allowRandomWeights", False))
+        args = {"paths": [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)],
+                "outputDir": str(outputDir), **options}
+        return WorkerJob("batch", args, python=python, env=env).start()
+
+    def startTrainJob(self, pairs, outputDir, python=None, env=None, **options):
+        """Training in a worker process (the panel's Training section): the pairs' MRML
+        nodes are read here, on the main thread, into image/label files of the job; the
+        worker trains on those files (no data loaders forked from Slicer)."""
+        import SimpleITK as sitk
+        from .worker import WorkerJob
+        if not pairs:
+            raise LesionSegError("no training pairs: select at least one volume with its segmentation")
+        cases = self.trainingCases(pairs, options.get("model", "msenet"), options.get("preset"))
+        job = WorkerJob("train", {}, python=python, env=env)
+        files = []
+        try:
+            for k, case in enumerate(cases):
+                if isinstance(case, dict):
+                    a, b = f"case-{k:03d}-image.nrrd", f"case-{k:03d}-label.nrrd"
+                    sitk.WriteImage(case["image"], str(job.path(a)), True)
+                    sitk.WriteImage(case["label"], str(job.path(b)), True)
+                    files.append((a, b))
+                else:
+                    files.append(tuple(str(Path(x).resolve()) for x in case))
+            job.args = {"cases": files, "outputDir": str(outputDir), **options}
+            return job.start()
+        except BaseException:
+            job.cleanup()
+            raise
+
+    def startDownloadJob(self, url: str, sha256: str, python=None, env=None, **options):
+        """:meth:`downloadWeights` in a worker process."""
+        from .worker import WorkerJob
+        return WorkerJob("download", {"url": url, "sha256": sha256, **options}, python=python, env=env).start()
 
     # ------------------------------------------------------------------ batch
 
@@ -601,7 +817,7 @@ class LesionSegLogic:
         geometry; label values from the card's classes, matched to segments by name);
         file pairs are passed as paths (a ``.seg.nrrd`` label file is converted through
         MRML). Main thread (reads MRML)."""
-        from . import models
+        from .. import models
         p = models.preset(model, preset)
         classes = p["classes"]
         multi = bool(p["outputs"].get("multi_label"))
@@ -666,7 +882,7 @@ class LesionSegLogic:
                    recipeOverrides: Optional[Dict[str, Any]] = None, resume: bool = False, seed: int = 0,
                    pretrained=None, install: bool = True, progress: Progress = None, cancel=None):
         """Train on cases made by :meth:`trainingCases` (touches no MRML node: any thread)."""
-        from .training import train as run_training
+        from ..training import train as run_training
         if not cases:
             raise LesionSegError("no training cases")
         overrides = dict(recipeOverrides or {})
@@ -696,55 +912,20 @@ class LesionSegLogic:
         return result
 
 
-class BackgroundJob:
-    """Run a function on a worker thread and let a GUI poll it (Qt-free: the Slicer
-    widgets poll with a QTimer, tests simply wait).
+@dataclass
+class SegmentJob:
+    """A segmentation running in a worker, with the nodes of its Apply (pinned)."""
+    job: Any                      # worker.WorkerJob
+    volume: Any
+    segmentation: Any
+    selectedSegmentId: Optional[str]
+    options: Dict[str, Any]
 
-    The function is called as ``fn(*args, progress=…, cancel=…, **kwargs)``; the latest
-    progress report is kept in :attr:`fraction` / :attr:`message`. After :attr:`done`,
-    either :attr:`result` or :attr:`error` is set; :attr:`cancelled` tells whether it
-    ended because of :meth:`cancel`. The function must not touch MRML nodes (the GUI
-    thread owns them).
-    """
-
-    def __init__(self, fn: Callable[..., Any], *args, **kwargs):
-        from .inference import CancelToken
-        self.token = CancelToken()
-        self.fraction, self.message = 0.0, "starting"
-        self.result = None
-        self.error: Optional[BaseException] = None
-        self._fn, self._args, self._kwargs = fn, args, kwargs
-        self._thread = threading.Thread(target=self._run, name="LesionSeg worker", daemon=True)
-        self._finished = threading.Event()
-
-    def _progress(self, fraction: float, message: str) -> None:
-        self.fraction, self.message = float(fraction), str(message)
-
-    def _run(self) -> None:
-        try:
-            self.result = self._fn(*self._args, progress=self._progress, cancel=self.token, **self._kwargs)
-        except BaseException as e:   # handed over to the GUI thread, which reports it
-            self.error = e
-        finally:
-            self._finished.set()
-
-    def start(self) -> "BackgroundJob":
-        self._thread.start()
-        return self
+    def poll(self) -> bool:
+        return self.job.poll()
 
     def cancel(self) -> None:
-        self.token.cancel()
-
-    @property
-    def done(self) -> bool:
-        return self._finished.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.error is not None and _is_cancelled(self.error)
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        return self._finished.wait(timeout)
+        self.job.cancel()
 
 
 def _first_component(image):
