@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..data.images import png_palette
 from ..fileio import atomic_path
+from ..validation import arg_type, number
 
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp",
                     ".tif", ".tiff")
@@ -269,7 +270,7 @@ def register(subparsers) -> None:
     s.add_argument("pred", help="predicted label file or folder")
     s.add_argument("gt", help="reference (ground-truth) label file or folder")
     s.add_argument("--prob", help="probability file or folder (for AUPR / mAUC)")
-    s.add_argument("--classes", nargs="+", type=int, metavar="VALUE",
+    s.add_argument("--classes", nargs="+", type=arg_type(number, lo=1, integer=True), metavar="VALUE",
                    help="label values to evaluate (default: every non-zero value present)")
     s.add_argument("--csv", help="write per-case, per-class metrics to this CSV file")
     s.add_argument("--json", help="write per-case metrics and the summary to this JSON file")
@@ -277,7 +278,7 @@ def register(subparsers) -> None:
     s.add_argument("--preset", help="task preset of --model, for class names")
     s.add_argument("--face-connected", action="store_true",
                    help="lesions are face-connected components (default: full connectivity, 8 in 2D, 26 in 3D)")
-    s.add_argument("--min-overlap", type=int, default=1, metavar="VOXELS",
+    s.add_argument("--min-overlap", type=arg_type(number, lo=1, integer=True), default=1, metavar="VOXELS",
                    help="predicted voxels a reference lesion needs to count as detected (default 1)")
     s.set_defaults(func=run)
 
