@@ -115,7 +115,7 @@ def _read(path) -> Any:
         if "weights_only" in text or "Unsupported global" in text:
             # name what the file wants to run, never PyTorch's advice to turn the check off
             import re
-            found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            found = re.findall(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", text)
             what = f" ({', '.join(dict.fromkeys(found))})" if found else ""
             raise CheckpointError(
                 f"{path}: the file contains Python objects other than weights{what}, and LesionSeg never "
