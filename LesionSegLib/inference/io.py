@@ -145,8 +145,31 @@ def write_image(image, path, compress: bool = True) -> Path:
     lossy = ext in (".jpg", ".jpeg")
     with atomic_path(path, suffix=f".tmp{ext}", verify=None if lossy else _verify_image(image, ext)) as tmp:
         # PNG/JPEG writers take no compression flag worth setting; volumes are compressed
-        sitk.WriteImage(image, str(tmp), compress and ext in VOLUME_EXTS)
+        try:
+            sitk.WriteImage(image, str(tmp), compress and ext in VOLUME_EXTS)
+        except RuntimeError as e:
+            raise write_error(path, tmp, e) from None
     return path
+
+
+def write_error(path: Path, tmp: Path, error: BaseException):
+    """A :class:`~LesionSegLib.fileio.WriteError` for an ITK writer's exception: one line
+    naming the destination (never the temporary file), saying when the disk is full."""
+    import errno
+    import os
+    from ..fileio import WriteError
+    text = str(error)
+    full = "No space left on device" in text
+    if not full:
+        try:
+            st = os.statvfs(path.parent)
+            full = st.f_bavail * st.f_frsize < 1024 * 1024 and st.f_bavail < 0.01 * max(st.f_blocks, 1)
+        except (OSError, AttributeError):
+            pass
+    if full:
+        return WriteError(errno.ENOSPC, f"cannot write {path}: no space left on the device")
+    reason = itk_reason(error).replace(str(tmp), str(path)).replace(tmp.name, path.name)
+    return WriteError(errno.EIO, f"cannot write {path}: {reason}")
 
 
 def write_text(text: str, path) -> Path:
