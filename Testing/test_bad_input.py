@@ -634,3 +634,19 @@ def test_resume_from_a_damaged_training_state_is_one_line(tmp_path, capsys):
     code = cli.main(["train", "--model", "unet", "--data", str(data), "--out", str(run), "--resume", "--quiet"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "training_state.pt" in lines[0] and "not a readable" in lines[0]
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not an image"])
+def test_evaluate_refuses_a_damaged_reference_instead_of_scoring_zeros(tmp_path, capsys, damage):
+    a = (lesion_array() > 200).astype(np.uint8)
+    pred = write(image_of(a), tmp_path / "pred.nii.gz", True)
+    gt = write(image_of(a), tmp_path / "gt.nii.gz", True)
+    if damage == "cut short":
+        cut(gt, 0.9)
+    else:
+        gt.write_text("no image here")
+    code = cli.main(["evaluate", str(pred), str(gt), "--csv", str(tmp_path / "m.csv")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "gt.nii.gz" in lines[0]
+    assert ("cut short" if damage == "cut short" else "cannot read") in lines[0]
+    assert not (tmp_path / "m.csv").exists()

@@ -75,15 +75,28 @@ def list_cases(folder: Path, extensions) -> Dict[str, Path]:
     return {s: ps[0] for s, ps in found.items()}
 
 
+def _read_whole(path: Path):
+    """SimpleITK image of a file that is complete (a file cut short is refused even where
+    ITK would fill the gap with zeros)."""
+    import SimpleITK as sitk
+    from ..inference.io import itk_reason
+    from ..validation import check_complete
+    try:
+        img = sitk.ReadImage(str(path))
+        check_complete(path)
+    except RuntimeError as e:
+        raise EvaluationInputError(f"{path}: cannot read it as an image ({itk_reason(e)})") from None
+    except (OSError, ValueError) as e:
+        raise EvaluationInputError(f"{path}: {e}") from None
+    return img
+
+
 def read_labels(path) -> "object":
     """A scalar integer SimpleITK label image from ``path`` (rules in the module doc)."""
     import numpy as np
     import SimpleITK as sitk
     path = Path(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise EvaluationInputError(f"{path}: cannot read it as an image ({str(e).strip().splitlines()[-1]})") from e
+    img = _read_whole(path)
     _, ext = split_extension(path, LABEL_EXTENSIONS)
     arr = sitk.GetArrayFromImage(img)
     if img.GetNumberOfComponentsPerPixel() > 1:
@@ -135,10 +148,7 @@ def read_probabilities(path):
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise EvaluationInputError(f"{path}: cannot read it as a numpy array ({e})") from e
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise EvaluationInputError(f"{path}: cannot read it as an image ({str(e).strip().splitlines()[-1]})") from e
+    img = _read_whole(path)
     if img.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8):
         img = sitk.Cast(img, sitk.sitkVectorFloat32 if img.GetNumberOfComponentsPerPixel() > 1
                         else sitk.sitkFloat32) / 255.0  # 8-bit probability images: 0-255 → 0-1
