@@ -81,7 +81,7 @@ def clean_stale_temporaries(folder) -> int:
         return 0
     import time
     for entry in entries:
-        if not is_temporary_name(entry.name):
+        if not entry.name.startswith(".") or not is_temporary_name(entry.name):
             continue
         try:
             if not entry.is_file(follow_symlinks=False):

@@ -650,3 +650,20 @@ def test_evaluate_refuses_a_damaged_reference_instead_of_scoring_zeros(tmp_path,
     assert code == 1 and len(lines) == 1 and "gt.nii.gz" in lines[0]
     assert ("cut short" if damage == "cut short" else "cannot read") in lines[0]
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_a_read_only_output_folder_is_named_not_the_input_or_a_temporary_file(network, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        img = write(image_of(lesion_array()), tmp_path / "in.nii.gz", True)
+        code = cli.main(["predict", "--checkpoint", str(network), "--quiet", str(img), "-o", str(ro)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(lines) == 1
+        assert lines[0] == f"lesionseg predict: error: cannot write into the output folder {ro}: Read-only file system"
+        assert os.listdir(ro) == []
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
