@@ -111,12 +111,17 @@ def _read(path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code; corrupt files fail here too
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text:
+            # name what the file wants to run, never PyTorch's advice to turn the check off
+            import re
+            found = re.findall(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", text)
+            what = f" ({', '.join(dict.fromkeys(found))})" if found else ""
             raise CheckpointError(
-                f"{path}: the file contains Python objects other than weights, and LesionSeg never "
-                f"executes code from checkpoint files ({msg}). Re-save it as a state dict.") from e
-        raise CheckpointError(f"{path}: not a readable PyTorch weight file ({msg})") from e
+                f"{path}: the file contains Python objects other than weights{what}, and LesionSeg never "
+                f"executes code from checkpoint files. Re-save it as a state dict.") from None
+        msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch weight file ({msg})") from None
 
 
 def _unwrap_state_dict(obj: Any) -> Dict[str, Any]:

@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (``lesionseg VERB: error: …``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _format_count(n: int) -> str:
@@ -55,7 +63,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    p = argparse.ArgumentParser(prog="lesionseg", description="LesionSeg: lesion segmentation networks.")
+    p = _Parser(prog="lesionseg", description="LesionSeg: lesion segmentation networks.")
     p.add_argument("--version", action="version", version=f"lesionseg {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     s = sub.add_parser("list", help="list the registered networks")
@@ -86,13 +94,40 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .checkpoint import CheckpointError
-    from .models import UnknownModelError, UnknownPresetError
+    if args.verb not in ("list", "card"):
+        _quiet_itk()
     try:
         return args.func(args)
-    except (CheckpointError, UnknownModelError, UnknownPresetError) as e:
-        print(f"lesionseg {args.verb}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"lesionseg {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure is one line; LESIONSEG_DEBUG=1 shows the traceback
+        if os.environ.get("LESIONSEG_DEBUG"):
+            raise
+        print(f"lesionseg {args.verb}: error: {error_message(e)}", file=sys.stderr)
         return 1
+
+
+def error_message(e: BaseException) -> str:
+    """One line saying what went wrong (file-system errors name their file)."""
+    from .models import UnknownModelError, UnknownPresetError
+    if isinstance(e, (UnknownModelError, UnknownPresetError)) and e.args:
+        text = str(e.args[0])      # KeyError's str() would quote the message
+    elif isinstance(e, OSError) and e.strerror and type(e).__str__ is OSError.__str__:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def _quiet_itk() -> None:
+    """ITK prints header warnings (several lines each) to stderr; LesionSeg reports the
+    problems that matter itself, one line per file."""
+    try:
+        import SimpleITK as sitk
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    except Exception:  # pragma: no cover
+        pass
 
 
 if __name__ == "__main__":

@@ -41,10 +41,16 @@ class IntensityTransform:
     hi: Optional[float]
     scale: Tuple[float, ...]
     shift: Tuple[float, ...]
+    #: raw value that NaN voxels take (None: the image has none); ±Inf are clipped to lo/hi
+    nan: Optional[float] = None
+    #: how many voxels of the planned image were NaN or infinite (left out of the statistics)
+    nonfinite: int = 0
 
     def apply(self, x, channel_axis: int = 1):
         """Apply to a numpy array or torch tensor whose ``channel_axis`` holds the model's
         input channels (already arranged by :func:`arrange_channels`)."""
+        if self.nan is not None:
+            x = replace_nonfinite(x, self.nan, self.lo, self.hi)
         if self.lo is not None or self.hi is not None:
             x = x.clip(self.lo, self.hi)
         n = x.shape[channel_axis]
@@ -66,9 +72,50 @@ class IntensityTransform:
 
 
 def _sample(values: np.ndarray) -> np.ndarray:
+    """Strided sample of the finite values (NaN/Inf never enter the statistics)."""
     flat = values.reshape(-1)
     step = max(1, flat.size // MAX_STATISTICS_SAMPLES)
-    return flat[::step].astype(np.float64)
+    sample = flat[::step].astype(np.float64)
+    finite = np.isfinite(sample)
+    if not finite.all():
+        sample = sample[finite]
+        if sample.size == 0:  # a sparse sample of a mostly non-finite image: take every finite value
+            sample = flat[np.isfinite(flat)].astype(np.float64)
+    return sample
+
+
+def count_nonfinite(image: np.ndarray) -> int:
+    """Number of NaN and ±Inf values (0 for integer images)."""
+    image = np.asarray(image)
+    if image.dtype.kind not in "fc":
+        return 0
+    return int(image.size - np.count_nonzero(np.isfinite(image)))
+
+
+def replace_nonfinite(x, nan: float, lo: Optional[float], hi: Optional[float]):
+    """NaN → ``nan``, +Inf → ``hi``, −Inf → ``lo`` (numpy array or torch tensor)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fc":
+            return x
+        return np.nan_to_num(x, nan=nan, posinf=hi if hi is not None else nan,
+                             neginf=lo if lo is not None else nan)
+    if not x.is_floating_point():
+        return x
+    import torch
+    return torch.nan_to_num(x, nan=nan, posinf=hi if hi is not None else nan, neginf=lo if lo is not None else nan)
+
+
+def _with_nonfinite(transform: "IntensityTransform", image: np.ndarray, count: int) -> "IntensityTransform":
+    """The transform of an image holding ``count`` NaN/Inf voxels: clip bounds made finite
+    (the finite range when there were none) and NaN voxels set to the lower bound (they
+    read as the darkest tissue, i.e. background)."""
+    from dataclasses import replace as _replace
+    lo, hi = transform.lo, transform.hi
+    if lo is None or hi is None:
+        finite = np.asarray(image)[np.isfinite(image)]
+        lo = float(finite.min()) if lo is None else lo
+        hi = float(finite.max()) if hi is None else hi
+    return _replace(transform, lo=lo, hi=hi, nan=lo, nonfinite=count)
 
 
 def plan_intensity(image: np.ndarray, input_spec: Dict[str, Any], *, eight_bit: Optional[bool] = None,
@@ -78,12 +125,24 @@ def plan_intensity(image: np.ndarray, input_spec: Dict[str, Any], *, eight_bit: 
 
     ``eight_bit``: the image is an 8-bit rendering (PNG/JPEG slices, photographs); by
     default, true for uint8 data. ``window`` overrides the preset's CT window.
+    NaN and infinite voxels are left out of the statistics; NaN voxels then take the
+    lower clip bound and ±Inf the bounds (``nonfinite`` counts them).
     """
-    norm = input_spec.get("normalization", {})
-    kind = norm.get("kind")
     image = np.asarray(image)
     if image.size == 0:
         raise InputError("the image is empty")
+    nonfinite = count_nonfinite(image)
+    if nonfinite == image.size:
+        raise InputError("the image holds no finite values (every voxel is NaN or infinite)")
+    if nonfinite:
+        return _with_nonfinite(_plan_finite(image, input_spec, eight_bit, window), image, nonfinite)
+    return _plan_finite(image, input_spec, eight_bit, window)
+
+
+def _plan_finite(image: np.ndarray, input_spec: Dict[str, Any], eight_bit: Optional[bool],
+                 window: Optional[Dict[str, float]]) -> IntensityTransform:
+    norm = input_spec.get("normalization", {})
+    kind = norm.get("kind")
     if eight_bit is None:
         eight_bit = image.dtype == np.uint8
     window = window if window is not None else input_spec.get("window")

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..data.images import png_palette
 from ..fileio import atomic_path
+from ..validation import arg_type, number
 
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp",
                     ".tif", ".tiff")
@@ -74,15 +75,28 @@ def list_cases(folder: Path, extensions) -> Dict[str, Path]:
     return {s: ps[0] for s, ps in found.items()}
 
 
+def _read_whole(path: Path):
+    """SimpleITK image of a file that is complete (a file cut short is refused even where
+    ITK would fill the gap with zeros)."""
+    import SimpleITK as sitk
+    from ..inference.io import itk_reason
+    from ..validation import check_complete
+    try:
+        img = sitk.ReadImage(str(path))
+        check_complete(path)
+    except RuntimeError as e:
+        raise EvaluationInputError(f"{path}: cannot read it as an image ({itk_reason(e)})") from None
+    except (OSError, ValueError) as e:
+        raise EvaluationInputError(f"{path}: {e}") from None
+    return img
+
+
 def read_labels(path) -> "object":
     """A scalar integer SimpleITK label image from ``path`` (rules in the module doc)."""
     import numpy as np
     import SimpleITK as sitk
     path = Path(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise EvaluationInputError(f"{path}: cannot read it as an image ({str(e).strip().splitlines()[-1]})") from e
+    img = _read_whole(path)
     _, ext = split_extension(path, LABEL_EXTENSIONS)
     arr = sitk.GetArrayFromImage(img)
     if img.GetNumberOfComponentsPerPixel() > 1:
@@ -134,10 +148,7 @@ def read_probabilities(path):
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise EvaluationInputError(f"{path}: cannot read it as a numpy array ({e})") from e
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise EvaluationInputError(f"{path}: cannot read it as an image ({str(e).strip().splitlines()[-1]})") from e
+    img = _read_whole(path)
     if img.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8):
         img = sitk.Cast(img, sitk.sitkVectorFloat32 if img.GetNumberOfComponentsPerPixel() > 1
                         else sitk.sitkFloat32) / 255.0  # 8-bit probability images: 0-255 → 0-1
@@ -269,7 +280,7 @@ def register(subparsers) -> None:
     s.add_argument("pred", help="predicted label file or folder")
     s.add_argument("gt", help="reference (ground-truth) label file or folder")
     s.add_argument("--prob", help="probability file or folder (for AUPR / mAUC)")
-    s.add_argument("--classes", nargs="+", type=int, metavar="VALUE",
+    s.add_argument("--classes", nargs="+", type=arg_type(number, lo=1, integer=True), metavar="VALUE",
                    help="label values to evaluate (default: every non-zero value present)")
     s.add_argument("--csv", help="write per-case, per-class metrics to this CSV file")
     s.add_argument("--json", help="write per-case metrics and the summary to this JSON file")
@@ -277,7 +288,7 @@ def register(subparsers) -> None:
     s.add_argument("--preset", help="task preset of --model, for class names")
     s.add_argument("--face-connected", action="store_true",
                    help="lesions are face-connected components (default: full connectivity, 8 in 2D, 26 in 3D)")
-    s.add_argument("--min-overlap", type=int, default=1, metavar="VOXELS",
+    s.add_argument("--min-overlap", type=arg_type(number, lo=1, integer=True), default=1, metavar="VOXELS",
                    help="predicted voxels a reference lesion needs to count as detected (default 1)")
     s.set_defaults(func=run)
 

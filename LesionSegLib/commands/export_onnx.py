@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..validation import arg_type, number
+
 
 def register(subparsers) -> None:
     s = subparsers.add_parser(
@@ -22,12 +24,12 @@ def register(subparsers) -> None:
     s.add_argument("--preset", help="task preset (input size, channels, classes); default: the "
                                     "checkpoint's, else the card's default")
     s.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    s.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+    s.add_argument("--size", nargs=2, type=arg_type(number, lo=1, integer=True), metavar=("H", "W"),
                    help="input height and width (default: the preset's size)")
-    s.add_argument("--batch", type=int, default=1, help="fixed batch size of the graph (default 1)")
+    s.add_argument("--batch", type=arg_type(number, lo=1, integer=True), default=1, help="fixed batch size of the graph (default 1)")
     s.add_argument("--dynamic-batch", action="store_true",
                    help="leave the batch dimension free (not possible for MS-LKSeg)")
-    s.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    s.add_argument("--opset", type=arg_type(number, lo=7, integer=True), default=17, help="ONNX opset (default 17)")
     s.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
                    help="torch exporter (default: TorchScript-based, then torch.export-based)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")

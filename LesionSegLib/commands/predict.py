@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..validation import arg_type, device_arg, number, probability_arg
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="segment image files or folders",
@@ -34,7 +36,7 @@ def register(subparsers) -> None:
                      help="with --model and no --checkpoint: random weights, to test the pipeline only")
     src.add_argument("--preset", help="task preset (default: the checkpoint's)")
     run = p.add_argument_group("inference")
-    run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    run.add_argument("--device", default="auto", type=device_arg, help="auto (default), cpu, cuda, cuda:N, mps")
     run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     run.add_argument("--batch-size", default="auto", help="slices per batch, or auto (default)")
     run.add_argument("--tta", action="store_true", help="average with the mirrored image")
@@ -45,11 +47,12 @@ def register(subparsers) -> None:
     run.add_argument("--mode", default="resize", choices=("resize", "native", "tile"),
                      help="resize slices/images to the network size (default), run them at native "
                           "resolution, or tile large images (2-D only)")
-    run.add_argument("--tile-overlap", type=float, default=0.25, help="overlap of tiles (fraction, default 0.25)")
+    run.add_argument("--tile-overlap", type=arg_type(number, lo=0.0, hi=1.0, hi_open=True), default=0.25, help="overlap of tiles (fraction, default 0.25)")
     run.add_argument("--window", help="CT window CENTER,WIDTH overriding the preset's (e.g. -600,1500)")
     out = p.add_argument_group("results")
-    out.add_argument("--threshold", type=float, help="probability threshold (default: the card's)")
-    out.add_argument("--min-lesion-size", type=float, default=0.0,
+    out.add_argument("--threshold", type=probability_arg,
+                     help="probability threshold, between 0 and 1 (default: the card's)")
+    out.add_argument("--min-lesion-size", type=arg_type(number, lo=0.0), default=0.0,
                      help="drop lesions smaller than this (mm³ for volumes, mm² or pixels for images)")
     out.add_argument("--probabilities", action="store_true", help="also write probability maps")
     out.add_argument("--no-csv", action="store_true", help="do not write lesion tables")
@@ -73,13 +76,14 @@ def _parse_batch(value: str):
 def _parse_window(value):
     if not value:
         return None
+    from ..validation import OptionError, window
+    parts = value.split(",")
+    if len(parts) != 2:
+        raise SystemExit(f"lesionseg predict: error: --window takes CENTER,WIDTH, not {value!r}")
     try:
-        c, w = (float(v) for v in value.split(","))
-    except ValueError:
-        raise SystemExit(f"lesionseg predict: error: --window takes CENTER,WIDTH, not {value!r}") from None
-    if w <= 0:
-        raise SystemExit("lesionseg predict: error: the window width must be positive")
-    return {"center": c, "width": w}
+        return window(*parts, name="--window")
+    except OptionError as e:
+        raise SystemExit(f"lesionseg predict: error: {e}") from None
 
 
 class _Bar:
@@ -151,17 +155,41 @@ def run_predict(args: argparse.Namespace) -> int:
               f"{predictor.precision}", file=sys.stderr)
 
     files, problems = lio.list_inputs(args.inputs, recursive=args.recursive, exclude=[out_dir])
+    created = not out_dir.exists()
+    problem = _output_folder_problem(out_dir)
+    if problem:
+        print(f"lesionseg predict: error: {problem}", file=sys.stderr)
+        return 1
+    try:
+        return _run_files(predictor, files, problems, out_dir, args, window)
+    finally:
+        if created:  # a folder made for this run and left empty (every input failed) goes again
+            try:
+                out_dir.rmdir()
+            except OSError:
+                pass
+
+
+def _run_files(predictor, files, problems, out_dir: Path, args, window) -> int:
     failed = 0
     for path, reason in problems:
         print(f"lesionseg predict: {path}: {reason}", file=sys.stderr)
         failed += 1
     inputs_resolved = {f.resolve() for f in files}
+    clashes = _name_clashes(files, args)
+    for path, other, name in clashes:
+        print(f"lesionseg predict: {path}: its results would have the same name ({name}) as those of {other}; "
+              f"segment the two into separate output folders", file=sys.stderr)
+        failed += 1
+    clashing = {id(c[0]) for c in clashes}
+    files_to_run = [f for f in files if id(f) not in clashing]
     bar = _Bar(not args.quiet)
-    for n, path in enumerate(files, 1):
-        bar.start(f"[{n}/{len(files)}] {path.name}")
+    for n, path in enumerate(files_to_run, 1):
+        bar.start(f"[{n}/{len(files_to_run)}] {path.name}")
         t0 = time.perf_counter()
         try:
-            written, lesions = _predict_file(predictor, path, out_dir, args, window, bar, inputs_resolved)
+            written, lesions, nonfinite = _predict_file(predictor, path, out_dir, args, window, bar,
+                                                        inputs_resolved)
         except KeyboardInterrupt:
             bar.end()
             print(f"lesionseg predict: interrupted at {path}", file=sys.stderr)
@@ -173,6 +201,9 @@ def run_predict(args: argparse.Namespace) -> int:
             failed += 1
             continue
         bar.end()
+        if nonfinite:
+            print(f"lesionseg predict: warning: {path}: {nonfinite} voxel(s) are NaN or infinite; they were left "
+                  f"out of the intensity statistics and read as the lowest intensity", file=sys.stderr)
         print(f"{path} -> {written[0]} ({lesions} lesion{'s' if lesions != 1 else ''}, "
               f"{time.perf_counter() - t0:.1f} s)")
     if failed:
@@ -228,4 +259,34 @@ def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar, input
     if not args.no_csv:
         written.append(lio.write_text(lio.lesions_csv(pred.lesions, path.name, pred.classes),
                                       out_dir / f"{stem}_lesions.csv"))
-    return written, len(pred.lesions)
+    return written, len(pred.lesions), int(pred.info.get("nonfinite_voxels") or 0)
+
+
+def _output_folder_problem(out_dir: Path):
+    """Why results cannot be written into ``out_dir`` (None when they can)."""
+    import tempfile
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=str(out_dir)):
+            pass
+    except OSError as e:
+        return f"cannot write into the output folder {out_dir}: {e.strerror or e}"
+    return None
+
+
+def _name_clashes(files, args):
+    """[(file, earlier file, output name)] for inputs whose results would overwrite
+    those of an earlier input (same name in another folder, or case.png and case.jpg)."""
+    from ..inference import io as lio
+    seen = {}
+    clashes = []
+    for path in files:
+        stem, ext = lio.split_ext(path)
+        names = [f"{stem}_label{lio.output_ext(ext)}"] + ([] if args.no_csv else [f"{stem}_lesions.csv"])
+        hit = next((n for n in names if n.casefold() in seen), None)
+        if hit is not None:
+            clashes.append((path, seen[hit.casefold()], hit))
+            continue
+        for n in names:
+            seen[n.casefold()] = path
+    return clashes

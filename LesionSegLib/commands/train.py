@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 
+from ..validation import arg_type, device_arg, number
+
 
 def register(subparsers) -> None:
     s = subparsers.add_parser("train", help="train a network on image/mask folders or volumes",
@@ -30,12 +32,12 @@ def register(subparsers) -> None:
                                    "trained on) case ids; default: a seeded case-level split (val_fraction)")
     s.add_argument("--out", help="output folder (checkpoints, log.csv, curves.png)")
     s.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    s.add_argument("--epochs", type=int, help="number of epochs")
-    s.add_argument("--batch-size", type=int, help="batch size (per process under torchrun)")
-    s.add_argument("--lr", type=float, help="base learning rate (optimizer.lr)")
+    s.add_argument("--epochs", type=arg_type(number, lo=1, integer=True), help="number of epochs")
+    s.add_argument("--batch-size", type=arg_type(number, lo=1, integer=True), help="batch size (per process under torchrun)")
+    s.add_argument("--lr", type=arg_type(number, lo=0.0, lo_open=True), help="base learning rate (optimizer.lr)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value (JSON values: 5, 0.01, true, null, [352,352], {\"name\":\"adam\"})")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    s.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda, cuda:1, mps")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--pretrained", help="ImageNet backbone file or checkpoint to start from")
     s.add_argument("--show-recipe", action="store_true", help="print the merged recipe and exit")

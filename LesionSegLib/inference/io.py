@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import re
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple
 
@@ -64,35 +65,111 @@ def list_inputs(paths: Sequence[str], recursive: bool = False,
 
 
 def read_image(path):
-    """SimpleITK image of a file, or an :class:`InputError` naming the file and the reason."""
+    """SimpleITK image of a file, or an :class:`InputError` naming the file and the reason.
+
+    A file cut short or with damaged compressed data is refused even where ITK would
+    fill the gap with zeros (``.nii.gz``, ``.nii``, JPEG, BMP), and so is a header whose
+    spacing or orientation is not usable."""
     import SimpleITK as sitk
+    from ..validation import check_complete, check_geometry
     path = Path(path)
     ext = split_ext(path)[1]
     if ext not in SUPPORTED_EXTS:
         raise InputError(f"unsupported file type {ext or '(none)'}; use {', '.join(SUPPORTED_EXTS)}")
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        # ITK's messages start with source locations; the reason follows "ERROR:" / "Description:"
-        for marker in ("Description:", "ERROR:"):
-            if marker in detail:
-                detail = detail.split(marker)[-1].strip()
-                break
-        if detail.startswith("Unable to determine ImageIO reader"):
-            detail = "no reader recognises its content: damaged, or not the format its name says"
-        raise InputError(f"cannot read the image ({detail[:200]})") from None
+        raise InputError(f"cannot read the image ({itk_reason(e)})") from None
+    try:
+        check_complete(path)
+        check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), "the image")
+    except OSError as e:
+        raise InputError(f"cannot read the image ({e.strerror or e})") from None
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return image
+
+
+def itk_reason(error: BaseException) -> str:
+    """The reason in an ITK/SimpleITK exception, without source locations and object
+    addresses, and never cut before the reason."""
+    text = str(error)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    body = []
+    for ln in lines:
+        if ln.startswith("Exception thrown in SimpleITK") or re.match(r"^/\S+:\d+:?$", ln):
+            continue
+        ln = re.sub(r"^(ITK ERROR|sitk::ERROR):\s*", "", ln)
+        ln = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", ln)
+        body.append(ln)
+    detail = " ".join(body) or type(error).__name__
+    if "Unable to determine ImageIO reader" in detail:
+        return "no reader recognises its content: damaged, or not the format its name says"
+    if "File cannot be read" in detail and "No such file or directory" in detail:
+        return "its data are incomplete or unreadable; the file may be cut short"
+    if "Error while reading file" in detail or "PNG critical error" in detail:
+        return "its PNG data are damaged or cut short"
+    nrrd = [ln for ln in body if ln.startswith("[nrrd]")]
+    if nrrd:  # teem's message is a stack, innermost (the reason) last
+        reason = nrrd[-1].split(":", 1)[-1].strip() or nrrd[-1]
+        return f"NRRD: {reason}"
+    return detail if len(detail) <= 300 else "… " + detail[-300:]
+
+
+def _verify_image(image, ext: str):
+    """A ``verify`` for :func:`atomic_path`: the written file must read back complete,
+    with the same pixels and grid."""
+    import numpy as np
+    import SimpleITK as sitk
+    from ..validation import check_complete
+    want = sitk.GetArrayViewFromImage(image)
+
+    def verify(tmp: Path) -> None:
+        check_complete(tmp)
+        back = sitk.ReadImage(str(tmp))
+        got = sitk.GetArrayViewFromImage(back)
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise ValueError("what was read back differs from what was written")
+        if back.GetSize() != image.GetSize():
+            raise ValueError("the written image has another size")
+    return verify
 
 
 def write_image(image, path, compress: bool = True) -> Path:
-    """Write a SimpleITK image atomically (temporary file, then rename)."""
+    """Write a SimpleITK image atomically (temporary file, then rename); the file is
+    read back and compared before it is put in place, so a full disk never leaves a
+    truncated file at ``path``."""
     import SimpleITK as sitk
     path = Path(path)
     ext = split_ext(path)[1]
-    with atomic_path(path, suffix=f".tmp{ext}") as tmp:
+    lossy = ext in (".jpg", ".jpeg")
+    with atomic_path(path, suffix=f".tmp{ext}", verify=None if lossy else _verify_image(image, ext)) as tmp:
         # PNG/JPEG writers take no compression flag worth setting; volumes are compressed
-        sitk.WriteImage(image, str(tmp), compress and ext in VOLUME_EXTS)
+        try:
+            sitk.WriteImage(image, str(tmp), compress and ext in VOLUME_EXTS)
+        except RuntimeError as e:
+            raise write_error(path, tmp, e) from None
     return path
+
+
+def write_error(path: Path, tmp: Path, error: BaseException):
+    """A :class:`~LesionSegLib.fileio.WriteError` for an ITK writer's exception: one line
+    naming the destination (never the temporary file), saying when the disk is full."""
+    import errno
+    import os
+    from ..fileio import WriteError
+    text = str(error)
+    full = "No space left on device" in text
+    if not full:
+        try:
+            st = os.statvfs(path.parent)
+            full = st.f_bavail * st.f_frsize < 1024 * 1024 and st.f_bavail < 0.01 * max(st.f_blocks, 1)
+        except (OSError, AttributeError):
+            pass
+    if full:
+        return WriteError(errno.ENOSPC, f"cannot write {path}: no space left on the device")
+    reason = itk_reason(error).replace(str(tmp), str(path)).replace(tmp.name, path.name)
+    return WriteError(errno.EIO, f"cannot write {path}: {reason}")
 
 
 def write_text(text: str, path) -> Path:

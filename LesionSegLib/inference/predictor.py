@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from .. import models
 from ..checkpoint import Checkpoint, CheckpointError
-from ..preprocessing import InputError, arrange_channels, plan_intensity, size_for
+from ..preprocessing import InputError, arrange_channels, plan_intensity, replace_nonfinite, size_for
 from . import runtime
 from .cancel import CancelToken, Progress, ProgressCallback
 from .geometry import Canonical
@@ -458,6 +458,8 @@ class Predictor:
         else:
             x = raw.unsqueeze(1)
         x = x.float()
+        if plan.affine.nan is not None:  # NaN/Inf voxels, before they can spread in the resize
+            x = replace_nonfinite(x, plan.affine.nan, plan.lo, plan.hi)
         if plan.channel_index is not None and plan.channel_index != tuple(range(x.shape[1])):
             x = x[:, list(plan.channel_index)]
         if plan.lo is not None or plan.hi is not None:
@@ -562,7 +564,7 @@ class Predictor:
                              f"slice cannot be segmented as a volume (use predict_image on its 2-D array)")
         plan = self._plan(array, components, window)
         resize_to, pad_to, net_size = self._sizes((ny, nx), mode)
-        thr = self.threshold if threshold is None else float(threshold)
+        thr = self.threshold if threshold is None else _valid_threshold(threshold)
         n_cls = len(self.classes)
 
         labels = np.zeros(canon.shape, np.uint8)
@@ -619,7 +621,7 @@ class Predictor:
         info = {"device": self.device, "precision": self.precision, "batch_size": used, "slices": nz,
                 "network_input": list(net_size), "mode": mode, "slice_axis": canon.slice_axis,
                 "orientation": canon.describe(geom["direction"]), "threshold": thr,
-                "seconds": time.perf_counter() - start}
+                "nonfinite_voxels": plan.affine.nonfinite, "seconds": time.perf_counter() - start}
         prog.done("done")
         return Prediction(out, masks, probs, self.classes, lesions, info)
 
@@ -651,7 +653,7 @@ class Predictor:
         components = img.shape[2] if img.ndim == 3 else 1
         plan = self._plan(img, components, window)
         h, w = img.shape[:2]
-        thr = self.threshold if threshold is None else float(threshold)
+        thr = self.threshold if threshold is None else _valid_threshold(threshold)
         stager = _Stager(self._device)
         block = img[None]
         with torch.inference_mode():
@@ -683,7 +685,7 @@ class Predictor:
         masks, lesions = self._postprocess(labels, ml, px, min_lesion_size_mm2, prog.span(0.9, 1.0),
                                            levels=self.size_levels if spacing is not None else None)
         info = {"device": self.device, "precision": self.precision, "batch_size": used, "mode": mode,
-                "threshold": thr, "seconds": time.perf_counter() - start}
+                "threshold": thr, "nonfinite_voxels": plan.affine.nonfinite, "seconds": time.perf_counter() - start}
         prog.done("done")
         return Prediction(labels, masks, probs, self.classes, lesions, info)
 
@@ -753,6 +755,14 @@ class Predictor:
         return masks, lesions
 
 
+def _valid_threshold(value) -> float:
+    from ..validation import OptionError, threshold
+    try:
+        return threshold(value)
+    except OptionError as e:
+        raise InputError(str(e)) from None
+
+
 def _import_onnx_backend():
     try:
         from .. import onnx_backend
@@ -790,6 +800,7 @@ def _volume_input(image, spacing, origin, direction):
         array = sitk.GetArrayViewFromImage(image)
         geom = {"size": image.GetSize(), "spacing": image.GetSpacing(), "origin": image.GetOrigin(),
                 "direction": image.GetDirection()}
+        _check_geometry(geom)
         return array, geom, components, image
     array = np.asarray(image)
     if array.ndim not in (3, 4) or array.size == 0:
@@ -802,4 +813,13 @@ def _volume_input(image, spacing, origin, direction):
             "direction": tuple(float(s) for s in (direction if direction is not None else np.eye(3).ravel()))}
     if len(geom["spacing"]) != 3 or len(geom["origin"]) != 3 or len(geom["direction"]) != 9:
         raise InputError("spacing and origin need 3 numbers and direction 9 (row-major) for a volume")
+    _check_geometry(geom)
     return array, geom, components, None
+
+
+def _check_geometry(geom) -> None:
+    from ..validation import check_geometry
+    try:
+        check_geometry(geom["spacing"], geom["origin"], geom["direction"], "the volume")
+    except ValueError as e:
+        raise InputError(str(e)) from None

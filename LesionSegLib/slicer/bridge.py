@@ -23,8 +23,6 @@ segment: name, colour (0-1) and a Slicer terminology entry string, with the
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -550,19 +548,18 @@ def save_segmentation(segmentation_node, path) -> Path:
     """Write a segmentation to ``.seg.nrrd`` atomically (temporary file, then rename), so
     an interrupted save never destroys an existing file."""
     import slicer
+    from .fileio import atomic_path
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".seg.nrrd", dir=str(path.parent))
-    os.close(fd)
-    try:
+
+    def verify(tmp):  # teem refuses a cut-short .nrrd: read it back through ITK
+        import SimpleITK as sitk
+        sitk.ReadImage(str(tmp))
+
+    with atomic_path(path, suffix=".tmp.seg.nrrd", verify=verify) as tmp:
         storage = slicer.vtkMRMLSegmentationStorageNode()
-        storage.SetFileName(tmp)
+        storage.SetFileName(str(tmp))
         if not storage.WriteData(segmentation_node):
             raise BridgeError(f"{path}: Slicer could not write the segmentation")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

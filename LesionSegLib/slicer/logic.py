@@ -28,7 +28,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -290,6 +289,15 @@ class LesionSegLogic:
         """SimpleITK image of a volume node (main thread; a copy, safe to use on a worker)."""
         if volumeNode is None:
             raise LesionSegError("no input volume selected")
+        if volumeNode.GetImageData() is None:
+            raise LesionSegError(f"volume {volumeNode.GetName()!r} holds no image data")
+        from .validation import check_geometry
+        try:
+            check_geometry(volumeNode.GetSpacing(), volumeNode.GetOrigin(), [1, 0, 0, 0, 1, 0, 0, 0, 1],
+                           f"volume {volumeNode.GetName()!r}")
+        except ValueError as e:
+            raise LesionSegError(str(e).replace("fix the image header", "fix it in the Volumes module "
+                                                "(Volume Information)")) from None
         return bridge.volume_to_sitk(volumeNode)
 
     def predict(self, image, model: str = "msenet", checkpoint=None, preset: Optional[str] = None,
@@ -302,6 +310,13 @@ class LesionSegLogic:
         result is on the image's own grid."""
         import numpy as np
         import SimpleITK as sitk
+        from .validation import OptionError, number
+        from .validation import threshold as _threshold
+        try:
+            threshold = _threshold(threshold)
+            minLesionSizeMm3 = number(minLesionSizeMm3, "the minimum lesion size", lo=0.0)
+        except OptionError as e:
+            raise LesionSegError(str(e)) from None
         _call(progress, 0.0, "loading network")
         pred = self.predictor(model, checkpoint, preset, device, tta, allowRandomWeights)
         _call(progress, 0.05, f"running {model} on {pred.device}")
@@ -328,6 +343,10 @@ class LesionSegLogic:
         else:
             result = pred.predict_volume(image, threshold=threshold, min_lesion_size_mm3=minLesionSizeMm3,
                                          return_probabilities=probabilities, progress=sub, cancel=cancel)
+        nonfinite = int(result.info.get("nonfinite_voxels") or 0)
+        if nonfinite:
+            self.log(f"LesionSeg: {nonfinite} voxel(s) of the input are NaN or infinite; they were left out of "
+                     f"the intensity statistics and read as the lowest intensity")
         _call(progress, 1.0, "done")
         return result
 
@@ -709,6 +728,7 @@ class LesionSegLogic:
             except ImportError:
                 scene = None   # no MRML here: LesionSegLib.segnrrd writes the same file format
         n = len(files)
+        claimed: Dict[Path, Path] = {}   # output → the input it belongs to (names must not clash)
         for i, path in enumerate(files):
             if cancel is not None and getattr(cancel, "cancelled", False):
                 summary.cancelled.extend(str(f) for f in files[i:])
@@ -719,14 +739,19 @@ class LesionSegLogic:
                 out_path = self._output_path(path, out_dir, outputFormat)
                 if out_path.resolve() in inputs:
                     raise LesionSegError(f"the output {out_path} would overwrite an input file")
+                if out_path in claimed:
+                    raise LesionSegError(f"its output {out_path.name} would overwrite that of {claimed[out_path]}; "
+                                         f"segment the two into separate output folders")
+                claimed[out_path] = path
                 if out_path.exists() and not overwrite:
                     raise LesionSegError(f"{out_path} exists (pass overwrite=True to replace it)")
                 if not path.is_file():
                     raise LesionSegError(f"no such file: {path}")
+                from .inference.io import read_image
                 try:
-                    image = sitk.ReadImage(str(path))
-                except RuntimeError as e:
-                    raise LesionSegError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from e
+                    image = read_image(path)
+                except ValueError as e:
+                    raise LesionSegError(f"{path}: {e}") from None
                 if image.GetDimension() == 2:
                     image = sitk.JoinSeries(image)
                 pred = self.predict(image, model=model, checkpoint=checkpoint, preset=preset, device=device,
@@ -777,36 +802,28 @@ class LesionSegLogic:
     @staticmethod
     def _write_labelmap(image, pred, out_path: Path) -> None:
         import SimpleITK as sitk
+        from .inference.io import write_image
         labels = pred.labels
         if not isinstance(labels, sitk.Image):
             labels = sitk.GetImageFromArray(labels)
             labels.CopyInformation(image)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix="".join(out_path.suffixes), dir=str(out_path.parent))
-        os.close(fd)
-        try:
-            sitk.WriteImage(labels, tmp, True)
-            os.replace(tmp, out_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_image(labels, out_path)   # atomic, read back and compared before the rename
 
     @staticmethod
     def _write_summary(out_dir: Path, summary: BatchSummary, rows, model, preset, checkpoint) -> Path:
+        import io
+        from .fileio import atomic_write_text
         data = {"model": model, "preset": preset, "checkpoint": str(checkpoint) if checkpoint else None,
                 "succeeded": summary.succeeded, "failed": summary.failed, "cancelled": summary.cancelled}
         path = out_dir / SUMMARY_NAME
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(out_dir))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=2, default=str))
         if rows:
             cols = list(dict.fromkeys(k for r in rows for k in r))
-            fd, tmp = tempfile.mkstemp(prefix=f".{LESIONS_NAME}.", dir=str(out_dir))
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=cols)
-                w.writeheader()
-                w.writerows(rows)
-            os.replace(tmp, out_dir / LESIONS_NAME)
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+            atomic_write_text(out_dir / LESIONS_NAME, buf.getvalue())
         return path
 
     # ------------------------------------------------------------------ training

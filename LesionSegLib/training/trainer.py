@@ -507,7 +507,15 @@ def train(model_name: str, data, out_dir, preset: Optional[str] = None,
     if resume:
         if not state_path.is_file():
             raise TrainingError(f"{out}: nothing to resume ({STATE_NAME} not found)")
-        saved_state = torch.load(str(state_path), map_location="cpu", weights_only=True)
+        try:
+            saved_state = torch.load(str(state_path), map_location="cpu", weights_only=True)
+            saved_state["training_state"]["recipe"]["preset"], saved_state["training_state"]["seed"]
+        except Exception as e:  # cut short, damaged, or not a training state at all
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                detail = "it holds Python objects, and LesionSeg never executes code from a file"
+            raise TrainingError(f"{state_path}: not a readable training state ({detail}); restore it or "
+                                f"start the run again in a new folder") from None
         if saved_state.get("model") != name:
             raise TrainingError(f"{state_path}: holds a {saved_state.get('model')!r} run, not {name!r}")
         saved = saved_state["training_state"]
