@@ -46,8 +46,13 @@ def register(subparsers) -> None:
     p.add_argument("--size", default="card",
                    help="network input size: 'card' (default) or N or HxW; also 'model=HxW,...' per network")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default 3)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision", default="auto", help="Predictor precision (default auto)")
+    p.add_argument("--threads", help="torch CPU threads, or a list (1,2): everything is measured at each "
+                                     "(default: torch's choice)")
+    p.add_argument("--precision", default="auto", help="Predictor precision of the batch/auto rows (default auto)")
+    p.add_argument("--precisions", default="",
+                   help="also time the Predictor (auto batch, CPU) at these precisions, e.g. fp32,bf16,int8; "
+                        "int8 is calibrated on the synthetic slices (speed only), bf16 is marked emulated "
+                        "where the CPU has no native bf16")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
     p.add_argument("--onnx", action="store_true",
                    help="on the CPU, also time the Predictor with the onnxruntime backend (auto batch)")
@@ -249,17 +254,10 @@ def _parse_sizes(value: str, names: List[str]) -> Dict[str, Optional[List[int]]]
 
 def machine_description() -> Dict[str, Any]:
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from ..inference import runtime
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+    return {"cpu": runtime.cpu_name(), "cpu_features": runtime.cpu_features(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
@@ -299,14 +297,26 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
         onnx_predictor.card["input"]["size"] = list(net_size)
         configs["onnx"] = at_batch(onnx_predictor, "auto")
 
+    extra = [x.strip().lower() for x in (getattr(args, "precisions", "") or "").split(",") if x.strip()]
+    if device.type == "cpu":
+        for prec in extra:
+            torch.manual_seed(0)  # the same weights at every thread count: int8 comes from the cache
+            p_x = Predictor(copy.deepcopy(net), device="cpu", precision=prec, calibration=[small, image]
+                            if prec == "int8" else None, cache_dir=getattr(args, "int8_cache", None))
+            p_x.card["input"]["size"] = list(net_size)
+            configs[prec] = at_batch(p_x, "auto")
+
     def run(key, img=None):
         return configs[key](image if img is None else img)
 
     load_start = _load_average()
+    t_warm = {}
     log(f"{name} on {predictor.device}: input {net_size[0]}×{net_size[1]}, {args.slices} slices of "
         f"{args.slice_size}², warming up (load average {load_start})")
-    for key in configs:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning
+    for key in configs:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning; int8 quantizes here
+        t0 = time.perf_counter()
         run(key, small)
+        t_warm[key] = time.perf_counter() - t0
     times: Dict[str, List[float]] = {k: [] for k in configs}
     cpu: Dict[str, List[float]] = {k: [] for k in configs}
     peaks: Dict[str, int] = {}
@@ -338,7 +348,8 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
                            "auto_batch": used_batch.get("auto"),
                            "latency_ms_one_slice": 1000 * statistics.median(lat),
                            "reference_latency_ms_one_slice": None if ref_lat is None else 1000 * ref_lat,
-                           "load_average": [load_start, _load_average()]}
+                           "load_average": [load_start, _load_average()], "threads": torch.get_num_threads(),
+                           "warmup_seconds": t_warm}
     for k, v in times.items():
         b = used_batch.get(k, 1)
         row["ms_per_batch"][k] = 1000 * statistics.median(v) / -(-args.slices // b)
@@ -349,6 +360,7 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
         row["speedup_auto_cpu_time"] = row["cpu_seconds"]["reference"] / row["cpu_seconds"]["auto"]
         if "onnx" in row["slices_per_s"]:
             row["speedup_onnx"] = row["slices_per_s"]["onnx"] / ref
+        row["speedup"] = {k: v / ref for k, v in row["slices_per_s"].items() if k != "reference"}
     if args.linearity:
         big = synthetic_volume(card, 2 * args.slices, args.slice_size)
         predictor.batch_size = "auto"
@@ -366,7 +378,8 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
 
 def _table(rows: List[Dict[str, Any]], batch_keys: List[str]) -> str:
     head = ["model", "device", "net input", "reference"] + batch_keys + ["auto (batch)", "speedup (auto)",
-                                                                        "speedup (best)", "speedup (CPU time)"]
+                                                                        "speedup (best)", "speedup (CPU time)",
+                                                                        "threads"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sps = r["slices_per_s"]
@@ -376,7 +389,8 @@ def _table(rows: List[Dict[str, Any]], batch_keys: List[str]) -> str:
         cells += [f"{sps['auto']:.2f} ({r['auto_batch']})",
                   f"{r['speedup_auto']:.2f}×" if "speedup_auto" in r else "-",
                   f"{r['speedup_best']:.2f}×" if "speedup_best" in r else "-",
-                  f"{r['speedup_auto_cpu_time']:.2f}×" if "speedup_auto_cpu_time" in r else "-"]
+                  f"{r['speedup_auto_cpu_time']:.2f}×" if "speedup_auto_cpu_time" in r else "-",
+                  str(r.get("threads", "-"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -398,11 +412,25 @@ def _memory_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def features_line(features: Dict[str, bool]) -> str:
+    """The CPU features that decide precision, for headers: ``AMX yes, AVX512-BF16 no …``."""
+    names = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("vnni", "VNNI"), ("avx512", "AVX512"),
+             ("avx2", "AVX2")]
+    native = "native bf16" if features.get("native_bf16") else "bf16 emulated (slower than fp32)"
+    return ", ".join(f"{label} {'yes' if features.get(k) else 'no'}" for k, label in names) + f"; {native}"
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
+    import tempfile
     import torch
     from .. import models
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        thread_counts = [int(t) for t in str(args.threads).split(",") if t.strip()] if args.threads else [None]
+    except ValueError:
+        print(f"lesionseg benchmark: error: --threads takes N or a list N,M, not {args.threads!r}", file=sys.stderr)
+        return 2
+    if thread_counts[0]:
+        torch.set_num_threads(thread_counts[0])
     names = models.list_models() if args.models == "all" else [models._resolve(n) for n in args.models.split(",")]
     sizes = _parse_sizes(args.size, names)
     devices = []
@@ -424,17 +452,27 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
         f"GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}")
+    log(f"CPU features: {features_line(machine['cpu_features'])}")
     rows = []
-    for name in names:
-        for d in devices:
-            rows.append(bench_model(name, d, args, sizes.get(name), log))
+    with tempfile.TemporaryDirectory(prefix="lesionseg-bench-int8-") as int8_cache:
+        args.int8_cache = int8_cache  # random weights: their int8 graphs are not worth keeping
+        for threads in thread_counts:
+            if threads:
+                torch.set_num_threads(threads)
+            for name in names:
+                for d in devices:
+                    rows.append(bench_model(name, d, args, sizes.get(name), log))
     batch_keys = [f"bs{int(b)}" for b in args.batch_sizes.split(",") if b.strip()]
     if any("onnx" in r["slices_per_s"] for r in rows):
         batch_keys.append("onnx")
+    for prec in (x.strip().lower() for x in (args.precisions or "").split(",") if x.strip()):
+        if prec not in batch_keys:
+            batch_keys.append(prec)
     date = _dt.date.today().isoformat()
     print(f"LesionSeg benchmark, {date}; {machine['cpu']} ({machine['cores']} cores, {machine['torch_threads']} "
           f"torch threads), GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}")
     print(f"command: {command}")
+    print(f"CPU features: {features_line(machine['cpu_features'])}")
     print(f"{args.slices} slices of {args.slice_size}² per volume; slices/s, median of {args.repeats} repeats\n")
     print(_table(rows, batch_keys))
     print()
@@ -445,6 +483,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
                   f"{r['speedup_auto']:.2f}× (auto batch {r['auto_batch']}), best {r['speedup_best']:.2f}×"
                   + (f", onnxruntime {r['speedup_onnx']:.2f}×" if "speedup_onnx" in r else "") + "; "
                   f"load average {r['load_average'][0]} → {r['load_average'][1]}")
+            emulated = "bf16" in r["speedup"] and not machine["cpu_features"].get("native_bf16")
+            print(f"  {r['threads']} thread(s), over the reference of the same run: " + ", ".join(
+                f"{k}{' (emulated)' if k == 'bf16' and emulated else ''} {v:.2f}×" for k, v in r["speedup"].items()))
     if args.json:
         from ..inference.io import write_text
         write_text(json.dumps({"date": date, "machine": machine, "command": command, "rows": rows}, indent=2),

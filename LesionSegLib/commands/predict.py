@@ -37,7 +37,12 @@ def register(subparsers) -> None:
     src.add_argument("--preset", help="task preset (default: the checkpoint's)")
     run = p.add_argument_group("inference")
     run.add_argument("--device", default="auto", type=device_arg, help="auto (default), cpu, cuda, cuda:N, mps")
-    run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                     help="auto (default: bf16 on GPUs and on CPUs with native bf16, else fp32), or int8 "
+                          "on the CPU (onnxruntime; see docs/performance.md)")
+    run.add_argument("--calibration", metavar="DIR",
+                     help="int8: training images of the network to calibrate on (once per network and "
+                          "input size; then the quantized model comes from the cache)")
     run.add_argument("--batch-size", default="auto", help="slices per batch, or auto (default)")
     run.add_argument("--tta", action="store_true", help="average with the mirrored image")
     run.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -149,7 +154,8 @@ def run_predict(args: argparse.Namespace) -> int:
         source = load_checkpoint(entry.path, model=args.model, preset=args.preset or entry.preset)
     backend = args.backend or ("onnxruntime" if onnx_file else "torch")
     predictor = Predictor(source, preset=args.preset, device=args.device, precision=args.precision,
-                          batch_size=batch, tta=args.tta, compile=args.compile, backend=backend)
+                          batch_size=batch, tta=args.tta, compile=args.compile, backend=backend,
+                          calibration=args.calibration)
     if not args.quiet:
         print(f"lesionseg predict: {predictor.name} ({predictor.preset}), {predictor.device_message}, "
               f"{predictor.precision}", file=sys.stderr)

@@ -215,7 +215,13 @@ class Predictor:
     benchmarks only). ``preset``: task preset (default: the checkpoint's, else the card's).
     ``device``: ``auto`` (first usable CUDA GPU, else the CPU; ``device_message`` says
     which and why), ``cpu``, ``cuda[:N]``, ``mps``. ``precision``: ``auto`` (bf16 autocast
-    on CUDA when supported, else fp16; fp32 on the CPU), ``fp32``, ``bf16``, ``fp16``.
+    on CUDA when supported, else fp16; on the CPU bf16 where the CPU has it natively — AMX
+    or AVX512-BF16, :func:`.runtime.cpu_features` — else fp32), ``fp32``, ``bf16``,
+    ``fp16``, or ``int8`` (CPU: post-training static quantization run by onnxruntime,
+    :mod:`.quantization`; ``calibration``: training images, needed once per network and
+    input shape, then the quantized graph comes from ``cache_dir``, default
+    :func:`.quantization.cache_dir`; warns with ``PrecisionWarning`` where its masks
+    disagree with fp32).
     ``batch_size``: ``auto`` (GPU: from free memory; CPU: about 4 slices of 352²) or a
     number. ``tta``: average with the left-right mirrored input. ``fuse``: fold BatchNorm /
     re-parameterise (``fuse_for_inference``; the caller's model is never modified).
@@ -226,18 +232,22 @@ class Predictor:
     def __init__(self, model_or_checkpoint: Union[nn.Module, Checkpoint, str, os.PathLike],
                  preset: Optional[str] = None, device: str = "auto", precision: str = "auto",
                  batch_size: Union[int, str] = "auto", tta: bool = False, fuse: bool = True,
-                 compile: bool = False, backend: str = "torch", channels_last: bool = True) -> None:
+                 compile: bool = False, backend: str = "torch", channels_last: bool = True,
+                 calibration=None, cache_dir=None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                      or batch_size < 1):
             raise ValueError(f"batch_size must be 'auto' or a positive integer, not {batch_size!r}")
-        self.backend = backend
         self._device, self.device_message = runtime.select_device(device)
         self.device = str(self._device)
         # onnxruntime runs the exported float32 graph; 'auto' must not ask it for bf16
         auto_fp32 = backend == "onnxruntime" and (precision or "auto") == "auto"
         self.precision, self._amp_dtype = runtime.select_precision("fp32" if auto_fp32 else precision, self._device)
+        if self.precision == "int8":
+            backend = "onnxruntime"  # the quantized graph runs in onnxruntime
+        self.backend = backend
+        self._calibration, self._cache_dir = calibration, cache_dir
         self.batch_size = batch_size
         self.tta = bool(tta)
         self.channels_last = bool(channels_last) and backend == "torch"
@@ -294,7 +304,7 @@ class Predictor:
         self._runner = None
         if backend == "onnxruntime":
             self.model = None
-            self._runner = self._onnx_runner(model_or_checkpoint)
+            self._runner = self._onnx_runner(model_or_checkpoint, model)
         else:
             self.model = self._inference_form(model, fuse, compile)
 
@@ -349,7 +359,7 @@ class Predictor:
             net = torch.compile(net)
         return net
 
-    def _onnx_runner(self, source):
+    def _onnx_runner(self, source, model: Optional[nn.Module] = None):
         """Hook for the onnxruntime backend. ``LesionSegLib.onnx_backend.create_runner(
         source, name=, card=, device=, precision=)`` must return a callable taking a
         float32 numpy batch (B, C, H, W) and returning the inference output's logits
@@ -359,8 +369,52 @@ class Predictor:
         # onnxruntime would otherwise take every core: follow torch's thread setting, so that a
         # limit set for torch (Slicer, a benchmark, a shared server) holds for both backends
         threads = torch.get_num_threads() if str(self.device) == "cpu" else None
+        if self.precision == "int8":
+            from . import quantization
+            if model is None:
+                raise CheckpointError(f"{source}: int8 quantizes a network's weights; give the checkpoint, "
+                                      f"not an exported .onnx file")
+            return quantization.Int8Runner(model, self.name, self.card, calibration=self._calibration,
+                                           prepare=self._calibration_inputs, cache=self._cache_dir,
+                                           num_threads=threads)
         return _import_onnx_backend().create_runner(source, name=self.name, card=self.card, device=self.device,
                                                     precision=self.precision, num_threads=threads)
+
+    def _calibration_inputs(self, items, shape: Tuple[int, int, int]) -> np.ndarray:
+        """Network inputs (N, C, H, W) of calibration items at ``shape`` (C, H, W)."""
+        # a few volumes give more slices each, so that about 64 inputs are calibrated on
+        per_volume = max(16, 64 // max(1, len(items)))
+        out = [self.network_inputs(it, size=shape[1:], max_slices=per_volume) for it in items]
+        x = np.concatenate(out)
+        if x.shape[1] != shape[0]:
+            raise InputError(f"{self.name}: calibration images give {x.shape[1]} channel(s), the network takes "
+                             f"{shape[0]}")
+        return x
+
+    def network_inputs(self, image, size: Optional[Tuple[int, int]] = None, window: Optional[dict] = None,
+                       max_slices: int = 16) -> np.ndarray:
+        """The network's input float32 (N, C, h, w), normalised as for inference, of a 2-D
+        image (numpy (H, W[, C]): N = 1) or of up to ``max_slices`` evenly spread slices
+        of a volume (a ``SimpleITK.Image``); resized to ``size`` (default: the card's
+        size for the slice, as ``mode='resize'``)."""
+        stager = _Stager(torch.device("cpu"))
+        with torch.inference_mode():
+            if isinstance(image, np.ndarray):
+                img = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+                plan = self._plan(img, img.shape[2] if img.ndim == 3 else 1, window)
+                target = tuple(size) if size else self._sizes(img.shape[:2], "resize")[0]
+                return self._net_input(stager.upload(img[None]), plan, target, None).float().contiguous().numpy()
+            array, geom, components, _ = _volume_input(image, None, None, None)
+            canon = Canonical.of(geom["size"], geom["spacing"], geom["direction"])
+            cview = canon.view(array)
+            nz, ny, nx = canon.canonical_shape
+            plan = self._plan(array, components, window)
+            target = tuple(size) if size else self._sizes((ny, nx), "resize")[0]
+            k = plan.context
+            zs = np.unique(np.linspace(0, nz - 1, min(nz, max_slices)).round().astype(int))
+            return np.concatenate([
+                self._net_input(stager.upload(cview[np.clip(np.arange(z - k, z + k + 1), 0, nz - 1)]), plan, target,
+                                None).float().contiguous().numpy() for z in zs])
 
     # ------------------------------------------------------------------ network
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

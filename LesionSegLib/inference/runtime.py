@@ -6,6 +6,7 @@ same questions ("which device will be used, and why?") without running anything.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Optional, Tuple
@@ -74,7 +75,13 @@ def cpu_features() -> dict:
     cpuinfo checks (the ones oneDNN dispatches on), with /proc/cpuinfo flags as a
     fallback for builds without them: ``amx_bf16``, ``avx512_bf16``, ``vnni``
     (AVX512-VNNI or AVX-VNNI), ``avx512``, ``avx2``, and ``native_bf16`` (AMX or
-    AVX512-BF16: bf16 convolutions run faster than fp32, not emulated)."""
+    AVX512-BF16: bf16 convolutions run faster than fp32, not emulated).
+    Detected once per process."""
+    return dict(_cpu_features())
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_features() -> Tuple[Tuple[str, bool], ...]:
     checks = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported",
               "vnni": "_is_vnni_supported", "avx512": "_is_avx512_supported", "avx2": "_is_avx2_supported"}
     cpu_mod = getattr(torch, "cpu", None)
@@ -94,7 +101,7 @@ def cpu_features() -> dict:
                  "avx512": ("avx512f",), "avx2": ("avx2",)}[key]
         out[key] = any(n in flags for n in names)
     out["native_bf16"] = out["amx_bf16"] or out["avx512_bf16"]
-    return out
+    return tuple(out.items())
 
 
 def _proc_cpu_flags() -> set:
@@ -123,19 +130,40 @@ def cpu_name() -> str:
 
 _PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+#: every precision the Predictor takes; ``int8`` is post-training static quantization run
+#: by onnxruntime (:mod:`.quantization`), not an autocast dtype
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
-def select_precision(precision: str, device: torch.device) -> Tuple[str, Optional[torch.dtype]]:
+def cpu_autocast_dtype(features: Optional[dict] = None) -> Optional[torch.dtype]:
+    """The autocast dtype for ``auto`` on this CPU (inference and training alike): bf16
+    where the CPU computes it natively (AMX or AVX512-BF16, :func:`cpu_features`), None
+    (fp32) elsewhere — emulated bf16 is slower than fp32. ``features`` replaces the
+    detection (tests, or a decision made for another machine)."""
+    feats = cpu_features() if features is None else features
+    return torch.bfloat16 if feats.get("native_bf16") else None
+
+
+def select_precision(precision: str, device: torch.device,
+                     features: Optional[dict] = None) -> Tuple[str, Optional[torch.dtype]]:
     """``(name, autocast dtype or None)``. ``auto``: bf16 autocast on CUDA GPUs that
     support it (same exponent range as fp32, so logits do not overflow), fp16 on older
-    ones, fp32 on the CPU (CPUs without native bf16 are slower in bf16)."""
+    ones; on the CPU bf16 where it is native (:func:`cpu_autocast_dtype`), else fp32.
+    ``int8`` gives ``("int8", None)``: the caller runs a quantized graph (CPU only).
+    ``features`` replaces the CPU detection (see :func:`cpu_autocast_dtype`)."""
     p = (precision or "auto").strip().lower()
     if p == "auto":
         if device.type == "cuda":
             return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+        if device.type == "cpu" and cpu_autocast_dtype(features) is not None:
+            return "bf16", torch.bfloat16
         return "fp32", None
+    if p == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"precision 'int8' runs on the CPU only (onnxruntime), not on {device}")
+        return "int8", None
     if p not in _PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use 'auto', 'fp32', 'bf16' or 'fp16'")
+        raise ValueError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     dtype = _PRECISIONS[p]
     return ("fp32" if dtype is None else ("bf16" if dtype is torch.bfloat16 else "fp16")), dtype
 

@@ -409,11 +409,10 @@ def _amp(recipe_amp, device: torch.device):
     if device.type != "cuda":
         if recipe_amp == "bf16":
             return torch.bfloat16, False
-        if recipe_amp == "auto" and device.type == "cpu":
-            from ..inference.runtime import cpu_features
-            # bf16 autocast only where the CPU computes bf16 natively (AMX, AVX512-BF16):
-            # elsewhere it is emulated and slower than fp32
-            return (torch.bfloat16 if cpu_features()["native_bf16"] else None), False
+        if device.type == "cpu" and recipe_amp in ("auto", True):
+            # the Predictor's choice: bf16 autocast only where the CPU has native bf16 (AMX, AVX512-BF16)
+            from ..inference.runtime import cpu_autocast_dtype
+            return cpu_autocast_dtype(), False
         return None, False
     if recipe_amp == "fp16":
         return torch.float16, True
