@@ -18,9 +18,9 @@ import SimpleITK as sitk  # noqa: E402
 from slicer_support import lesion_volume, threshold_unet  # noqa: E402
 
 from LesionSegLib import checkpoint, models  # noqa: E402
-from LesionSegLib import mrml_bridge as bridge  # noqa: E402
+from LesionSegLib.slicer import bridge  # noqa: E402
 from LesionSegLib.fileio import is_temporary_name  # noqa: E402
-from LesionSegLib.slicer_logic import LesionSegError, LesionSegLogic  # noqa: E402
+from LesionSegLib.slicer.logic import LesionSegError, LesionSegLogic  # noqa: E402
 
 PRESET = "stroke-dwi"
 

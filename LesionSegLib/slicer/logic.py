@@ -707,7 +707,7 @@ class LesionSegLogic:
 
         Each case gets ``<name>.seg.nrrd`` (segments named and coded as in Slicer; written
         through MRML when Slicer or slicer-core is there, else by
-        :mod:`LesionSegLib.segnrrd`) or a labelmap ``<name>_lesionseg.nii.gz`` / ``.nrrd``. A failing case is recorded and the batch goes on; inputs are
+        :mod:`LesionSegLib.slicer.segnrrd`) or a labelmap ``<name>_lesionseg.nii.gz`` / ``.nrrd``. A failing case is recorded and the batch goes on; inputs are
         never overwritten, existing outputs only with ``overwrite``. Writes
         ``lesionseg-summary.json`` and ``lesionseg-lesions.csv`` into ``outputDir``."""
         import SimpleITK as sitk
@@ -726,7 +726,7 @@ class LesionSegLogic:
             try:
                 scene = bridge.new_scene()
             except ImportError:
-                scene = None   # no MRML here: LesionSegLib.segnrrd writes the same file format
+                scene = None   # no MRML here: LesionSegLib.slicer.segnrrd writes the same file format
         n = len(files)
         claimed: Dict[Path, Path] = {}   # output → the input it belongs to (names must not clash)
         for i, path in enumerate(files):
