@@ -548,7 +548,7 @@ def save_segmentation(segmentation_node, path) -> Path:
     """Write a segmentation to ``.seg.nrrd`` atomically (temporary file, then rename), so
     an interrupted save never destroys an existing file."""
     import slicer
-    from .fileio import atomic_path
+    from ..fileio import atomic_path
     path = Path(path)
 
     def verify(tmp):  # teem refuses a cut-short .nrrd: read it back through ITK

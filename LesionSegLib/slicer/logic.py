@@ -291,7 +291,7 @@ class LesionSegLogic:
             raise LesionSegError("no input volume selected")
         if volumeNode.GetImageData() is None:
             raise LesionSegError(f"volume {volumeNode.GetName()!r} holds no image data")
-        from .validation import check_geometry
+        from ..validation import check_geometry
         try:
             check_geometry(volumeNode.GetSpacing(), volumeNode.GetOrigin(), [1, 0, 0, 0, 1, 0, 0, 0, 1],
                            f"volume {volumeNode.GetName()!r}")
@@ -310,8 +310,8 @@ class LesionSegLogic:
         result is on the image's own grid."""
         import numpy as np
         import SimpleITK as sitk
-        from .validation import OptionError, number
-        from .validation import threshold as _threshold
+        from ..validation import OptionError, number
+        from ..validation import threshold as _threshold
         try:
             threshold = _threshold(threshold)
             minLesionSizeMm3 = number(minLesionSizeMm3, "the minimum lesion size", lo=0.0)
@@ -747,7 +747,7 @@ class LesionSegLogic:
                     raise LesionSegError(f"{out_path} exists (pass overwrite=True to replace it)")
                 if not path.is_file():
                     raise LesionSegError(f"no such file: {path}")
-                from .inference.io import read_image
+                from ..inference.io import read_image
                 try:
                     image = read_image(path)
                 except ValueError as e:
@@ -802,7 +802,7 @@ class LesionSegLogic:
     @staticmethod
     def _write_labelmap(image, pred, out_path: Path) -> None:
         import SimpleITK as sitk
-        from .inference.io import write_image
+        from ..inference.io import write_image
         labels = pred.labels
         if not isinstance(labels, sitk.Image):
             labels = sitk.GetImageFromArray(labels)
@@ -812,7 +812,7 @@ class LesionSegLogic:
     @staticmethod
     def _write_summary(out_dir: Path, summary: BatchSummary, rows, model, preset, checkpoint) -> Path:
         import io
-        from .fileio import atomic_write_text
+        from ..fileio import atomic_write_text
         data = {"model": model, "preset": preset, "checkpoint": str(checkpoint) if checkpoint else None,
                 "succeeded": summary.succeeded, "failed": summary.failed, "cancelled": summary.cancelled}
         path = out_dir / SUMMARY_NAME
