@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from LesionSegLib import models  # noqa: E402
+from LesionSegLib.checkpoint import load  # noqa: E402
 from LesionSegLib.data.dataset import target_spec  # noqa: E402
 from LesionSegLib.inference import Predictor  # noqa: E402
 from LesionSegLib.inference.runtime import cpu_features, cpu_name  # noqa: E402
@@ -87,6 +88,7 @@ def main() -> int:
     data = json.loads((args.run / "data.json").read_text())
     recipe = json.loads((args.run / "recipe.json").read_text())
     best = args.run / "best.pt"
+    provenance = load(best).provenance
     predictor = Predictor(str(best), device="cpu")
     spec = target_spec(predictor.name, models.preset(predictor.name, predictor.preset))
     roots = data["root"] if isinstance(data["root"], list) else [data["root"]]
@@ -98,7 +100,7 @@ def main() -> int:
                                if i % 10 == 0 or i == n else None)
     feats = cpu_features()
     hardware = (f"{cpu_name()} ({', '.join(k for k, v in feats.items() if v and k != 'native_bf16') or 'no AVX2'}), "
-                f"{predictor_threads(best)} torch thread(s), CPU only")
+                f"{int(provenance.get('training', {}).get('torch_threads', 1))} torch thread(s), CPU only")
     info = {"data": args.data_text or ", ".join(Path(r).name for r in roots)
             + f" ({data['train_items']} training, {data['val_items']} validation images)",
             "split": f"`weights/splits/{Path(split).name}`: validation {len(data['val_cases'])} cases, "
@@ -106,17 +108,10 @@ def main() -> int:
             "budget": args.budget, "hardware": hardware, "licence": args.licence, "summary": args.summary,
             "start": args.start, "notes": args.note, "command": args.command}
     entry = write_release(best, args.out, name=args.name, heldout=heldout, info=info)
-    from LesionSegLib.checkpoint import load
-    provenance = load(best).provenance
     (args.out / f"{args.name}.md").write_text(card_markdown(entry, heldout, provenance, info), encoding="utf-8")
     (args.out / f"{args.name}.heldout.json").write_text(json.dumps(heldout.per_image, indent=0) + "\n")
     print(json.dumps(heldout.summary, indent=1))
     return 0
-
-
-def predictor_threads(best: Path) -> int:
-    from LesionSegLib.checkpoint import load
-    return int(load(best).provenance.get("training", {}).get("torch_threads", 1))
 
 
 if __name__ == "__main__":
