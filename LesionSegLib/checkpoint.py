@@ -15,8 +15,10 @@ rename), so an interrupted save never destroys the previous file.
 
 * the official M2SNet / MSNet / BSNet ``.pth`` files (plain state dicts, possibly wrapped
   in ``{"state_dict": …}`` or saved from ``DataParallel`` with ``module.`` prefixes);
-* the ImageNet backbone files ``res2net50_v1b_26w_4s-3cf99910.pth`` and torchvision's
-  ``vgg16`` state dict (use :func:`load_pretrained_backbone` to put them into a network).
+* the ImageNet backbone files ``res2net50_v1b_26w_4s-3cf99910.pth`` and VGG-16 files in
+  torchvision's, the conv-only Caffe and HED's layouts (use :func:`load_pretrained_backbone`
+  to put them into a network: a VGG file is converted to the network's input convention,
+  see :mod:`LesionSegLib.models.vgg_weights`).
 
 A file that does not fit raises :class:`CheckpointError` naming the missing,
 unexpected and mis-shaped keys.
@@ -142,6 +144,9 @@ def _unwrap_state_dict(obj: Any) -> Dict[str, Any]:
 
 def identify(state_dict: Mapping[str, Any]) -> Optional[str]:
     """Registry or backbone name of a plain state dict, from its keys; None if unknown."""
+    from .models import vgg_weights
+    if vgg_weights.layout(state_dict) is not None:
+        return "vgg16"
     for name, keys in _SIGNATURES:
         if all(k in state_dict for k in keys):
             return name
@@ -159,9 +164,22 @@ def build_backbone(name: str):
 
 
 def _backbone_state(name: str, sd: Mapping[str, Any]) -> Dict[str, Any]:
-    if name == "vgg16":  # the classifier of a torchvision vgg16 is not part of the backbone
-        return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    if name == "vgg16":  # the 13 convolutions; a classifier or HED's side outputs are not the backbone
+        from .models import vgg_weights
+        return vgg_weights.features_state(sd)[0]
     return dict(sd)
+
+
+def vgg16_features(path, convention: str) -> Tuple[Dict[str, Any], str]:
+    """The convolutions of a VGG-16 file (torchvision, conv-only Caffe or HED layout) as a
+    ``features.N`` state dict in the input ``convention`` asked for ("caffe" or
+    "torchvision"), and the convention the file was in."""
+    from .models import vgg_weights
+    sd = _unwrap_state_dict(_read(path))
+    if vgg_weights.layout(sd) is None:
+        raise CheckpointError(f"{path}: not a VGG-16 weight file (torchvision, conv-only Caffe or HED layout)")
+    features, source = vgg_weights.features_state(sd)
+    return vgg_weights.convert(features, source, convention), source
 
 
 def load(path, model: Optional[str] = None, preset: Optional[str] = None) -> Checkpoint:
@@ -197,8 +215,11 @@ def load(path, model: Optional[str] = None, preset: Optional[str] = None) -> Che
     if name in BACKBONES:
         net = build_backbone(name)
         load_state_dict_strict(net, _backbone_state(name, sd), f"{path} (backbone {name})")
-        return Checkpoint(net.eval(), name, "backbone", path=str(path),
-                          provenance={"source": "ImageNet-pretrained backbone file", "file": Path(path).name})
+        prov = {"source": "ImageNet-pretrained backbone file", "file": Path(path).name}
+        if name == "vgg16":  # weights as in the file; vgg16_features() converts conventions
+            from .models import vgg_weights
+            prov["input_convention"] = vgg_weights.features_state(sd)[1]
+        return Checkpoint(net.eval(), name, "backbone", path=str(path), provenance=prov)
     net = models.create(name)
     load_state_dict_strict(net, sd, f"{path} (official {name})")
     card = models.card(name)
@@ -211,8 +232,12 @@ def load_pretrained_backbone(model, path) -> str:
     """Load an ImageNet backbone file into a LesionSeg network's backbone, strictly.
 
     The backbone attribute comes from the network's card (``architecture.backbone_prefix``).
-    Returns the backbone name. Raises :class:`CheckpointError` when the file is not the
-    backbone that network uses, naming the differing keys."""
+    A VGG-16 file is converted to the network's input convention (its card's
+    ``input.normalization``): L-Seg takes Caffe BGR 0-255 input, so torchvision's RGB file
+    has its first convolution re-expressed. Returns the backbone name, with the conversion
+    when one was made ("vgg16 (torchvision -> caffe input convention)"). Raises
+    :class:`CheckpointError` when the file is not the backbone that network uses, naming
+    the differing keys."""
     from . import models
     name = getattr(model, "lesionseg_name", None)
     if name is None:
@@ -227,8 +252,15 @@ def load_pretrained_backbone(model, path) -> str:
         raise CheckpointError(f"{path}: network {name!r} needs a {wanted} backbone file, "
                               f"but this file is {found or 'not a known backbone'}")
     target = model.get_submodule(prefix.rstrip("."))
-    load_state_dict_strict(target, _backbone_state(wanted, sd), f"{path} (backbone {wanted} of {name})")
-    return wanted
+    what = wanted
+    state = _backbone_state(wanted, sd)
+    if wanted == "vgg16":
+        from .models import vgg_weights
+        goal = vgg_weights.convention_of_input(models.card(name).get("input", {}).get("normalization", {}))
+        state, source = vgg16_features(path, goal)
+        what = f"vgg16 ({source} input convention)" if source == goal else f"vgg16 ({source} -> {goal} input convention)"
+    load_state_dict_strict(target, state, f"{path} (backbone {wanted} of {name})")
+    return what
 
 
 def save(path, model, *, card: Optional[Dict[str, Any]] = None, config: Optional[Dict[str, Any]] = None,

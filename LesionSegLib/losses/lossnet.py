@@ -94,15 +94,16 @@ def find_vgg16_weights(path=None) -> Optional[Path]:
 
 
 def load_vgg16_features(path) -> nn.Sequential:
-    """Layers 0–22 (conv1_1 … relu4_3) of a torchvision ``vgg16`` state-dict file,
-    loaded strictly through :func:`LesionSegLib.checkpoint.load`."""
+    """Layers 0–22 (conv1_1 … relu4_3) of an ImageNet VGG-16 file, in torchvision's input
+    convention: torchvision's own file as it is, a Caffe/HED file (BGR, 0–255) with its first
+    convolution converted (:mod:`LesionSegLib.models.vgg_weights`). Read with
+    ``weights_only`` through :mod:`LesionSegLib.checkpoint`; loaded strictly."""
     from .. import checkpoint
-    ckpt = checkpoint.load(path)
-    if ckpt.name != "vgg16":
-        raise checkpoint.CheckpointError(
-            f"{path}: LossNet needs torchvision's ImageNet vgg16 state dict ({VGG16_FILE}), "
-            f"but this file holds {ckpt.name!r}")
-    return ckpt.model.features[:BLOCKS[-1][1]]
+    from ..models.vgg import VGG16Features
+    state, _ = checkpoint.vgg16_features(path, "torchvision")
+    net = VGG16Features()
+    checkpoint.load_state_dict_strict(net, state, f"{path} (LossNet VGG-16)")
+    return net.features[:BLOCKS[-1][1]]
 
 
 def random_vgg16_features(seed: int = FALLBACK_SEED) -> nn.Sequential:

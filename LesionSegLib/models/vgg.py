@@ -4,7 +4,7 @@ Used by L-Seg (HED-style side outputs on conv1_2 … conv5_3) and by M2SNet's Lo
 (frozen features at relu1_2, relu2_2, relu3_3, relu4_3). ``features`` holds the 31
 layers at torchvision's indices (convs at 0, 2, 5, …, 28; pools at 4, 9, 16, 23, 30) so
 that a torchvision ``vgg16`` state dict loads into it by name; the classifier is not
-built (no net uses it) and ``load_pretrained_backbone`` skips its keys explicitly.
+built (no net uses it); ``vgg_weights`` reads the files and converts input conventions.
 
 ``ceil_mode=True`` reproduces Caffe's pooling (output size rounded up), which L-Seg's
 Caffe model used; torchvision's VGG rounds down. They agree on inputs divisible by 16.

@@ -468,7 +468,8 @@ class _Printer:
         elif self.enabled and every and (step % every == 0 or step == total):
             print(f"  step {step}/{total}  loss {loss:.4f}  lr {lr:.3g}", flush=True)
 
-    def end_epoch(self, line: str) -> None:
+    def line(self, line: str) -> None:
+        """Close the progress bar (if any) and print one line."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -590,7 +591,7 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
     printer = _Printer(verbose and main)
     model = models.create(name, **full_config)
     if pretrained and saved_state is None:
-        _load_pretrained(model, name, pretrained)
+        printer.line(f"starting from {_load_pretrained(model, name, pretrained)}")
     if recipe.get("sync_bn") and dist.enabled:
         if dev.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -760,7 +761,7 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
             used = elapsed_before + time.time() - t_start
             if used + float(history[-1].get("epoch_time_s", 0.0)) > float(time_limit):
                 stopped_early = True
-                printer.end_epoch(f"time limit {time_limit} s reached after {epoch} epochs ({used:.0f} s)")
+                printer.line(f"time limit {time_limit} s reached after {epoch} epochs ({used:.0f} s)")
                 break
         factor = schedule.factor(epoch)
         apply_lr(optimizer, factor)
@@ -881,7 +882,7 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
         save_state(epoch, 0)
         dist.barrier()
         vals = " ".join(f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_dice", "val_iou") if k in row)
-        printer.end_epoch(f"epoch {epoch}/{epochs}  {vals}  lr {row['lr']:.3g}  ({row['epoch_time_s']:.1f} s)")
+        printer.line(f"epoch {epoch}/{epochs}  {vals}  lr {row['lr']:.3g}  ({row['epoch_time_s']:.1f} s)")
         if progress is not None:
             progress(epoch - 1, steps_total, steps_total, {**metrics, "epochs": epochs})
         check_cancel(epoch, 0)
@@ -986,17 +987,21 @@ def _validate(ddp_model, model, val_ds, loss_fn, spec, threshold, dev, dist: Dis
     return {"val_loss": float(loss_sum[0] / max(1.0, float(loss_sum[1]))), "val_dice": dice, "val_iou": iou}
 
 
-def _load_pretrained(model: nn.Module, name: str, path) -> None:
+def _load_pretrained(model: nn.Module, name: str, path) -> str:
+    """Load an ImageNet backbone or a checkpoint into ``model``; says what was loaded."""
     path = Path(path)
     sd = ckpt._unwrap_state_dict(ckpt._read(path)) if path.is_file() else None
     if sd is None:
         raise TrainingError(f"pretrained weights {path}: no such file")
     kind = ckpt.identify(sd)
     if kind in ckpt.BACKBONES:
-        ckpt.load_pretrained_backbone(model, path)
-        return
+        try:
+            return f"{path.name}: backbone {ckpt.load_pretrained_backbone(model, path)}"
+        except ckpt.CheckpointError as e:
+            raise TrainingError(f"pretrained weights {path}: {e}") from None
     try:
         ck = ckpt.load(path, model=name)
     except ckpt.CheckpointError as e:
         raise TrainingError(f"pretrained weights {path}: {e}") from None
     ckpt.load_state_dict_strict(model, ck.model.state_dict(), f"{path} (fine-tuning {name})")
+    return f"{path.name}: all weights ({ck.kind} {ck.name})"
