@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
-# The demo segments the shipped ISLES'22 DWI with demo/model/*.pt (see demo/README.md).
+# The demo segments the shipped ISLES'22 DWI with demo/model/*.pt, then an IDRiD fundus
+# photograph with L-Seg's shipped weights, read in place from FUNDUS (see demo/README.md).
+FUNDUS     ?= ../shared/data/fundus-idrid20
 demo: $(STAMP)
 	@if [ -f demo/model/msenet-demo-isles-dwi.pt ]; then \
-		$(VENV)/bin/lesionseg demo --out demo-output; \
+		$(VENV)/bin/lesionseg demo --out demo-output --fundus $(FUNDUS); \
 	else \
 		$(VENV)/bin/lesionseg list; \
 		echo; echo "The demo weights (demo/model/msenet-demo-isles-dwi.pt) are not in this checkout yet."; \

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from LesionSegLib import checkpoint
 
-from conftest import ROOT
+from conftest import ROOT, SHARED_DATA
 from slicer_support import threshold_unet
 
 DATA = ROOT / "demo" / "data"
@@ -26,7 +26,8 @@ def test_demo_writes_files_in_the_input_geometry_and_reports_dice(tmp_path):
                     config={"in_channels": 1, "num_classes": 1, "base_width": 4, "depth": 2},
                     preset="stroke-dwi", provenance={"purpose": "test stand-in"})
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "LesionSegLib", "demo", "--demo-dir", str(demo), "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "LesionSegLib", "demo", "--demo-dir", str(demo), "-o", str(out),
+                        "--no-fundus"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -61,8 +62,8 @@ def test_shipped_demo_weights_find_the_real_lesion(tmp_path):
     if not model.is_file():
         pytest.skip("no demo weights in this checkout")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "LesionSegLib", "demo", "-o", str(out), "--device", "cpu"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "LesionSegLib", "demo", "-o", str(out), "--device", "cpu",
+                        "--no-fundus"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dice_vs_expert"] > 0.15, summary
@@ -77,3 +78,46 @@ def test_demo_without_weights_says_what_is_missing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "LesionSegLib", "demo", "--demo-dir", str(tmp_path)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "is missing" in r.stdout
+
+
+IDRID = SHARED_DATA / "fundus-idrid20"
+
+
+def test_demo_fundus_part_reproduces_the_lseg_card_on_its_held_out_photograph(tmp_path):
+    """The real fundus case of ``make demo``: L-Seg's shipped weights on IDRiD_08 (a test
+    case of weights/splits/idrid.json) give the per-class Dice of their card's held-out
+    table, the overlay has both panels, and the expert's lesions are drawn in the left one."""
+    card = ROOT / "weights" / "lseg-fundus-dr.heldout.json"
+    if not card.is_file() or not (ROOT / "weights" / "lseg-fundus-dr.pt").is_file():
+        pytest.skip("no shipped L-Seg fundus-dr weights in this checkout")
+    if not IDRID.is_dir():
+        pytest.skip("../shared/data/fundus-idrid20 absent")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "LesionSegLib", "demo", "-o", str(out), "--device", "cpu",
+                        "--fundus", str(IDRID)], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "fundus-summary.json").read_text())
+    rows = {row["class"]: row for row in json.loads(card.read_text()) if row["case"] == "IDRiD_08"}
+    assert len(rows) == 4
+    for name, row in rows.items():
+        cls = name[name.rfind("(") + 1: name.rfind(")")]
+        assert summary["classes"][cls]["dice"] == pytest.approx(row["dice"], abs=1e-3), cls
+    assert summary["classes"]["EX"]["dice"] >= 0.2 and summary["mean_aupr"] >= 0.1
+    png = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "fundus-overlay.png")))
+    assert png.shape == (2848 // 4, 2 * (4288 // 4) + 8, 3)
+    yellow = (png[..., 0] > 200) & (png[..., 1] > 160) & (png[..., 2] < 90)
+    assert yellow[:, :4288 // 4].sum() > 200 and yellow[:, 4288 // 4 + 8:].sum() > 200
+
+
+def test_demo_fundus_part_says_why_it_is_skipped(tmp_path, monkeypatch, capsys):
+    from LesionSegLib import weights
+    from LesionSegLib.commands.demo.fundus import run_fundus
+    monkeypatch.setenv(weights.RELEASE_ENV_VAR, str(tmp_path / "no-weights"))
+    assert run_fundus(IDRID, "IDRiD_08", tmp_path / "out", "cpu") is None
+    assert "no shipped L-Seg fundus-dr weights" in capsys.readouterr().out
+    if not (ROOT / "weights" / "lseg-fundus-dr.pt").is_file():
+        return
+    monkeypatch.setenv(weights.RELEASE_ENV_VAR, str(ROOT / "weights"))
+    assert run_fundus(tmp_path / "nowhere", "IDRiD_08", tmp_path / "out", "cpu") is None
+    text = capsys.readouterr().out
+    assert "is not on this machine" in text and "--fundus" in text and not (tmp_path / "out").exists()

@@ -133,3 +133,39 @@ def test_repository_release_files_match_their_manifest_and_cards():
         assert (ROOT / "weights" / f["card"]).is_file()
         total += f["size"]
     assert total <= 150e6, f"shipped weights are {total / 1e6:.1f} MB (limit 150 MB)"
+
+
+def _release_entry(name):
+    for f in weights.release_manifest(ROOT / "weights")["files"]:
+        if f["file"] == f"{name}.pt" and (ROOT / "weights" / f["file"]).is_file():
+            return f
+    pytest.skip(f"weights/{name}.pt is not in this checkout")
+
+
+def test_shipped_polyp_weights_reproduce_their_card_through_lesionseg_predict(tmp_path):
+    """``lesionseg predict --model m2snet --preset polyp`` without a checkpoint, on the first
+    held-out images of the card: the same per-image Dice as weights/m2snet-polyp.heldout.json,
+    and above a floor."""
+    _release_entry("m2snet-polyp")
+    rows = json.loads((ROOT / "weights" / "m2snet-polyp.heldout.json").read_text())
+    rows = [r for r in rows if r["reference_pixels"] > 0][:3]
+    folders = {r["case"].split("/")[0] for r in rows}
+    if not all((SHARED_DATA / f).is_dir() for f in folders):
+        pytest.skip("../shared/data polyp sets absent")
+    images, masks = [], {}
+    for r in rows:
+        pair = next(p for p in folder_pairs(SHARED_DATA / r["case"].split("/")[0]) if p.image.name == r["image"])
+        images.append(pair.image)
+        masks[pair.image.stem] = sitk.GetArrayFromImage(sitk.ReadImage(str(pair.mask))) > 127
+    out = tmp_path / "out"
+    r = lesionseg("predict", "--model", "m2snet", "--preset", "polyp", "--device", "cpu", "--precision", "fp32",
+                  *images, "-o", out, env={weights.ENV_VAR: str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "m2snet-polyp.pt" in r.stdout + r.stderr
+    for row in rows:
+        stem = Path(row["image"]).stem
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stem}_label.png"))) > 0
+        gt = masks[stem]
+        dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+        assert dice == pytest.approx(row["dice"], abs=0.01), (row["image"], dice, row["dice"])
+        assert dice >= 0.3, (row["image"], dice)

@@ -51,8 +51,10 @@ def _nanmean(values) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
-def evaluate_heldout(predictor, pairs: Sequence[ImagePair], progress=None) -> HeldOut:
-    """Segment every held-out image with ``predictor`` and score it against its mask."""
+def evaluate_heldout(predictor, pairs: Sequence[ImagePair], progress=None, on_image=None) -> HeldOut:
+    """Segment every held-out image with ``predictor`` and score it against its mask.
+    ``on_image(pair, image, prediction, masks, reference)`` sees each image's result
+    (class value → boolean mask), e.g. to draw it."""
     classes = predictor.classes
     multi = bool(predictor.card["outputs"].get("multi_label"))
     names = [c["name"] for c in classes]
@@ -72,6 +74,8 @@ def evaluate_heldout(predictor, pairs: Sequence[ImagePair], progress=None) -> He
                 pooled[c["value"]].append(M.score_counts(pred.probabilities[i], gt[c["value"]]))
         else:
             masks = {c["value"]: pred.labels == c["value"] for c in classes}
+        if on_image:
+            on_image(pair, image, pred, masks, gt)
         case = M.evaluate_case(masks, gt, classes=[c["value"] for c in classes])
         for c in classes:
             m = case["classes"][c["value"]]

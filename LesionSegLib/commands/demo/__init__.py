@@ -1,4 +1,5 @@
-"""``lesionseg demo``: segment a real stroke MRI with the shipped demo weights.
+"""``lesionseg demo``: segment a real stroke MRI with the shipped demo weights, then a
+real fundus photograph with L-Seg's shipped weights (:mod:`.demo_fundus`).
 
 The main job of LesionSeg, end to end, on data that ships with the repository
 (``demo/``): a real DWI volume (ISLES'22, CC BY-SA 4.0, oblique direction) goes through
@@ -15,7 +16,9 @@ from typing import List
 
 import numpy as np
 
-REPO_DEMO = Path(__file__).resolve().parents[2] / "demo"
+from .fundus import DEFAULT_CASE, run_fundus
+
+REPO_DEMO = Path(__file__).resolve().parents[3] / "demo"
 VOLUME = "data/isles22-sub-strokecase0009-dwi.nii.gz"
 REFERENCE = "data/isles22-sub-strokecase0009-lesion.nii.gz"
 MODEL = "model/msenet-demo-isles-dwi.pt"
@@ -26,6 +29,10 @@ def register(sub) -> None:
     p.add_argument("--demo-dir", default=str(REPO_DEMO), help="folder with data/ and model/ (default: the repository's demo/)")
     p.add_argument("-o", "--out", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--fundus", type=Path, default=None,
+                   help="IDRiD folder for the fundus part (default: ../shared/data/fundus-idrid20 beside the repository)")
+    p.add_argument("--fundus-case", default=DEFAULT_CASE, help=f"IDRiD image of the fundus part (default: {DEFAULT_CASE})")
+    p.add_argument("--no-fundus", action="store_true", help="only the stroke MRI")
     p.set_defaults(func=run)
 
 
@@ -45,7 +52,7 @@ def overlay_png(path, image, predicted: np.ndarray, reference=None, zoom: int = 
     reference) and the slice with the largest predicted area (when it is another one), so
     that both misses and false positives are seen. Returns the LPS slice indices."""
     import SimpleITK as sitk
-    from ..training.plot import write_png
+    from ...training.plot import write_png
 
     def to_lps(arr):
         img = sitk.GetImageFromArray(arr.astype(np.float32))
@@ -82,11 +89,11 @@ def overlay_png(path, image, predicted: np.ndarray, reference=None, zoom: int = 
 
 def run(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
-    from .. import checkpoint
-    from ..inference import Predictor
-    from ..inference.io import lesions_csv, write_image, write_text
-    from ..metrics import dice_iou
-    from ..slicer.segnrrd import write_seg_nrrd
+    from ... import checkpoint
+    from ...inference import Predictor
+    from ...inference.io import lesions_csv, write_image, write_text
+    from ...metrics import dice_iou
+    from ...slicer.segnrrd import write_seg_nrrd
 
     demo, out = Path(args.demo_dir), Path(args.out)
     for rel in (VOLUME, MODEL):
@@ -155,4 +162,6 @@ def run(args: argparse.Namespace) -> int:
     print("\nThese demo weights come from training on synthetic lesions pasted into the lesion-free "
           "slices of this same scan (scripts/make_demo_model.py; see the provenance printed above). They "
           "show the pipeline on real anatomy; they are not a clinical model.")
+    if not args.no_fundus:
+        run_fundus(args.fundus, args.fundus_case, out, args.device)
     return 0
