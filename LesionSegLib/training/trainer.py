@@ -613,6 +613,8 @@ def _run(name, preset, recipe, prepared: PreparedData, input_spec, spec: TargetS
     optimizer = _optimizer(model, name, recipe["optimizer"])
     schedule = Schedule(recipe.get("schedule"), recipe["epochs"])
     amp_dtype, use_scaler = _amp(recipe.get("amp", "auto"), dev)
+    printer.line(f"training on {dev} in " + (f"{str(amp_dtype).split('.')[-1]} autocast" if amp_dtype else "fp32")
+                 + (" (GradScaler)" if use_scaler else ""))
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if dev.type == "cuda" else None
     epochs = int(recipe["epochs"])
 
