@@ -1,0 +1,102 @@
+"""Regenerate the "Shipped weights" section of docs/results.md from weights/manifest.json
+and the provenance inside each release file (held-out metrics per class, training history).
+
+    .venv/bin/python scripts/release_table.py            # rewrite the section in place
+    .venv/bin/python scripts/release_table.py --print    # print it instead
+
+The learning curves are the runs' own ``curves.png``, copied to
+``docs/figures/release-<name>-curves.png`` by ``--curves NAME=RUN_DIR`` when the run is at
+hand (runs stay outside the repository).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from LesionSegLib import checkpoint, models, weights  # noqa: E402
+
+BEGIN, END = "<!-- BEGIN shipped weights (scripts/release_table.py) -->", "<!-- END shipped weights -->"
+# What the papers report for the same task, and how sure docs/networks.md is of it
+PAPER = {
+    ("m2snet", "polyp"): "Kvasir mDice ≈ 0.91 (unverified; Dice on the continuous map, ImageNet Res2Net-50, 352²)",
+    ("m2snet", "breast-us"): "BUSI Dice 0.792 ± 0.014 (Table VIII, verified)",
+    ("lseg", "fundus-dr"): "IDRiD test set AUPR EX ≈ 0.79, HE ≈ 0.64, MA ≈ 0.46, SE ≈ 0.71 (unverified)",
+}
+
+
+def _f(v, digits=3) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def section(folder: Path) -> str:
+    manifest = weights.release_manifest(folder)
+    lines = [BEGIN, "", "## Shipped weights (`weights/`, held-out test split)", "",
+             "Each file's numbers come from `scripts/release_weights.py`: the run's best checkpoint (highest "
+             "validation Dice) segments the **test** cases of its split file, which it never trained on nor was "
+             "selected with, through the Predictor (the path of `lesionseg predict`), at the card's size and "
+             "threshold, scored on the original images. Full tables per class and per image: the card "
+             "(`weights/<name>.md`) and `weights/<name>.heldout.json`.", "",
+             "| network / preset | test images | Dice | IoU | HD95 px | mean AUPR | U-Net baseline | paper | budget |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|"]
+    details = []
+    for f in manifest["files"]:
+        s = f["metrics"]["heldout"]
+        name = models.card(f["model"])["display_name"]
+        lines.append(f"| {name} / `{f['preset']}` ([card](../weights/{f['card']})) | {s['images']} | {_f(s['dice'])} | "
+                     f"{_f(s['iou'])} | {_f(s['hd95_px'], 1)} | {_f(s.get('mean_aupr'))} | not trained (see below) | "
+                     f"{PAPER.get((f['model'], f['preset']), '–')} | {f['training']['budget']} |")
+        path = folder / f["file"]
+        if not path.is_file():
+            continue
+        _, _, prov = checkpoint.read_metadata(path)
+        per_class = prov.get("heldout_per_class") or {}
+        hist = prov.get("training", {})
+        details += [f"### {name} / `{f['preset']}`", "",
+                    f"Selected epoch {hist.get('best_epoch')} of {hist.get('epochs_run')}; "
+                    f"validation Dice {_f((prov.get('metrics') or {}).get('val_dice'))}.", ""]
+        if len(per_class) > 1 or any("aupr" in e for e in per_class.values()):
+            details += ["| class | images with lesion | Dice | Dice (lesion images) | IoU | HD95 px | AUPR |",
+                        "|---|---:|---:|---:|---:|---:|---:|"]
+            details += [f"| {c} | {e['images_with_lesion']}/{e['images']} | {_f(e['dice'])} | "
+                        f"{_f(e['dice_lesion_images'])} | {_f(e['iou'])} | {_f(e['hd95_px'], 1)} | {_f(e.get('aupr'))} |"
+                        for c, e in per_class.items()]
+            details.append("")
+        stem = Path(f["file"]).stem
+        if (ROOT / "docs" / "figures" / f"release-{stem}-curves.png").is_file():
+            details += [f"![learning curves of {stem}](figures/release-{stem}-curves.png)", ""]
+    lines += ["", *details, END]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--print", action="store_true")
+    ap.add_argument("--curves", action="append", default=[], metavar="NAME=RUN_DIR")
+    args = ap.parse_args()
+    for item in args.curves:
+        stem, run = item.split("=", 1)
+        shutil.copyfile(Path(run) / "curves.png", ROOT / "docs" / "figures" / f"release-{stem}-curves.png")
+    text = section(ROOT / "weights")
+    if args.print:
+        print(text)
+        return 0
+    doc = ROOT / "docs" / "results.md"
+    old = doc.read_text(encoding="utf-8")
+    if BEGIN in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:  # first time: after the opening paragraph
+        first, rest = old.split("\n## ", 1)
+        new = first + text + "\n\n## " + rest
+    doc.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
