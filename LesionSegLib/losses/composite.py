@@ -135,6 +135,11 @@ class SegmentationLoss(nn.Module):
                              f"output channel at the output's size")
         return t
 
+    def _with_components(self, total: torch.Tensor, comps: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Keep the detached parts of the loss (and the total) for the log; return the total."""
+        self._components = {k: v.detach() for k, v in {**comps, "total": total}.items()}
+        return total
+
     def _mask(self, batch, like: torch.Tensor, what: str) -> torch.Tensor:
         if "mask" in batch and batch["mask"] is not None:
             return self._target(batch, "mask", like, what)
@@ -203,9 +208,7 @@ class M2SNetLoss(SegmentationLoss):
             ln = self.lossnet(torch.sigmoid(as_float(pred)), mask)
             comps["lossnet"] = ln
             loss = loss + self.options["lossnet_weight"] * ln
-        comps["total"] = loss
-        self._components = {k: v.detach() for k, v in comps.items()}
-        return loss
+        return self._with_components(loss, comps)
 
 
 class BSNetLoss(SegmentationLoss):
@@ -257,9 +260,7 @@ class BSNetLoss(SegmentationLoss):
         comps["structure"] = structure
         comps["edge"] = e
         total = structure + self.options["edge_weight"] * e
-        comps["total"] = total
-        self._components = {k: v.detach() for k, v in comps.items()}
-        return total
+        return self._with_components(total, comps)
 
 
 class LSegLoss(SegmentationLoss):
@@ -306,9 +307,7 @@ class LSegLoss(SegmentationLoss):
                                         num_label=self.options["num_label"])
             comps[name] = l_
             total = total + l_
-        comps["total"] = total
-        self._components = {k: v.detach() for k, v in comps.items()}
-        return total
+        return self._with_components(total, comps)
 
 
 class DiceCELoss(SegmentationLoss):
@@ -343,9 +342,7 @@ class DiceCELoss(SegmentationLoss):
                 label = self._mask(batch, pred, what).argmax(1)
             loss, a, d = ce_dice_loss(pred, label, dice_weight=self.options["dice_weight"], return_parts=True)
             comps = {"ce": a, "dice": d}
-        comps["total"] = loss
-        self._components = {k: v.detach() for k, v in comps.items()}
-        return loss
+        return self._with_components(loss, comps)
 
 
 def loss_class(card: Mapping[str, Any], outputs: Mapping[str, Any]):
