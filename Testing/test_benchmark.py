@@ -35,7 +35,9 @@ def test_benchmark_runs_and_reports_every_measurement(tmp_path):
     assert row["linearity"]["slices"] == 6 and row["linearity"]["time_ratio"] > 0
     assert row["latency_ms_one_slice"] > 0 and "auto" in row["peak_mb"]
     assert data["machine"]["cores"] == os.cpu_count() and data["command"].startswith("lesionseg benchmark")
-    assert "| unet | cpu fp32 | 32×32 |" in r.stdout
+    from LesionSegLib.inference import runtime
+    auto = "bf16" if runtime.cpu_features()["native_bf16"] else "fp32"  # what 'auto' picks on this CPU
+    assert f"| unet | cpu {auto} | 32×32 |" in r.stdout
     assert "speedup over the reference loop" in r.stdout and "onnxruntime" in r.stdout
     import torch
     if not torch.cuda.is_available():

@@ -9,7 +9,7 @@ import torch
 
 from conftest import randomize_norm_stats
 from LesionSegLib import checkpoint, models
-from LesionSegLib.inference import CancelToken, Cancelled, Predictor
+from LesionSegLib.inference import CancelToken, Cancelled, Predictor, runtime
 from LesionSegLib.preprocessing import InputError
 from test_inference_geometry import shifted_threshold_unet
 
@@ -172,8 +172,9 @@ def test_fusion_and_channels_last_do_not_change_the_result():
     net = models.create("unet", preset="breast-us")
     randomize_norm_stats(net, seed=2)
     img = (np.random.default_rng(0).random((40, 56)) * 255).astype(np.uint8)
-    plain = Predictor(net, preset="breast-us", device="cpu", fuse=False, channels_last=False)
-    fast = Predictor(net, preset="breast-us", device="cpu")
+    # fp32 on both sides: on CPUs with native bf16 'auto' would compare bf16 roundings
+    plain = Predictor(net, preset="breast-us", device="cpu", precision="fp32", fuse=False, channels_last=False)
+    fast = Predictor(net, preset="breast-us", device="cpu", precision="fp32")
     a = plain.predict_image(img, mode="native", return_probabilities=True).probabilities
     b = fast.predict_image(img, mode="native", return_probabilities=True).probabilities
     assert np.allclose(a, b, atol=1e-5)
@@ -185,7 +186,8 @@ def test_device_precision_and_backend_choices(monkeypatch):
     net = shifted_threshold_unet()
     p = Predictor(net, device="auto")
     if not torch.cuda.is_available():
-        assert p.device == "cpu" and "no usable GPU" in p.device_message and p.precision == "fp32"
+        auto = "bf16" if runtime.cpu_features()["native_bf16"] else "fp32"
+        assert p.device == "cpu" and "no usable GPU" in p.device_message and p.precision == auto
         with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
             Predictor(net, device="cuda")
     with pytest.raises(ValueError, match="unknown precision"):

@@ -157,7 +157,7 @@ def test_predictor_onnxruntime_backend_matches_torch(tmp_path):
     net = models.create("unet")
     randomize_norm_stats(net, seed=1)
     img = (np.random.default_rng(0).random((80, 96)) * 255).astype(np.uint8)
-    ref = inference.Predictor(net, device="cpu", backend="torch").predict_image(img, return_probabilities=True)
+    ref = inference.Predictor(net, device="cpu", backend="torch", precision="fp32").predict_image(img, return_probabilities=True)
     # (an in-memory network goes through the same create_runner → OnnxSession path as above)
     path = tmp_path / "unet.onnx"
     onnx_backend.export(net, path, size=(352, 352), verify=False)

@@ -50,6 +50,40 @@ def test_detection_is_this_cpu_and_training_follows_it():
     assert _amp("bf16", CPU) == (torch.bfloat16, False) and _amp(False, CPU) == (None, False)
 
 
+def _record(dice, mismatches=0):
+    return {"precision_agreement": {"bf16": {"dice": dice, "min_dice": dice, "count_mismatches": mismatches,
+                                             "images": 8}}}
+
+
+def test_auto_keeps_fp32_for_weights_whose_bf16_masks_disagree():
+    bf16 = ("bf16", torch.bfloat16)
+    assert runtime.keep_masks(bf16, "auto", CPU, None) == ("bf16", torch.bfloat16, "")
+    assert runtime.keep_masks(bf16, "auto", CPU, _record(0.995)) == ("bf16", torch.bfloat16, "")
+    name, dtype, why = runtime.keep_masks(bf16, "auto", CPU, _record(0.97))
+    assert (name, dtype) == ("fp32", None) and "0.970" in why and "precision='bf16'" in why
+    assert runtime.keep_masks(bf16, "auto", CPU, _record(0.999, mismatches=1))[0] == "fp32"
+    # an explicit choice is the user's, and GPUs are not judged by a CPU record
+    assert runtime.keep_masks(bf16, "bf16", CPU, _record(0.5))[0] == "bf16"
+    assert runtime.keep_masks(bf16, "auto", torch.device("cuda"), _record(0.5))[0] == "bf16"
+
+
+def test_predictor_auto_reads_the_agreement_record_of_its_weights(tmp_path, monkeypatch):
+    """On a CPU with native bf16 (simulated), the Predictor's auto precision is bf16 for
+    weights without a record or with a passing one, fp32 for weights whose record fails."""
+    from LesionSegLib import checkpoint, models
+    from LesionSegLib.inference import Predictor
+    monkeypatch.setattr(runtime, "cpu_autocast_dtype", lambda features=None: torch.bfloat16)
+    net = models.create("unet", base_width=4, depth=2)
+    plain = checkpoint.save(tmp_path / "plain.pt", net, config={"base_width": 4, "depth": 2})
+    good = checkpoint.save(tmp_path / "good.pt", net, config={"base_width": 4, "depth": 2}, provenance=_record(0.995))
+    bad = checkpoint.save(tmp_path / "bad.pt", net, config={"base_width": 4, "depth": 2}, provenance=_record(0.9))
+    assert Predictor(str(plain), device="cpu").precision == "bf16"
+    assert Predictor(str(good), device="cpu").precision == "bf16"
+    p = Predictor(str(bad), device="cpu")
+    assert p.precision == "fp32" and "0.900" in p.precision_message
+    assert Predictor(str(bad), device="cpu", precision="bf16").precision == "bf16"
+
+
 def test_int8_format_keeps_7_bit_weights_without_vnni():
     assert q.int8_format(AVX2)["reduce_range"] is True
     assert q.int8_format(VNNI)["reduce_range"] is False and q.int8_format(AMX)["reduce_range"] is False

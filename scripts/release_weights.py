@@ -32,6 +32,17 @@ def _fmt(v, digits=3) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _agreement_line(record) -> str:
+    if not record:
+        return "not measured (no CPU with native bf16 at release time): `auto` uses bf16 on such CPUs"
+    b = record["bf16"]
+    verdict = ("meets the bar (Dice ≥ 0.99, equal lesion counts): `auto` uses bf16 on CPUs with native bf16"
+               if b["agrees"] else "below the bar (Dice ≥ 0.99, equal lesion counts): `auto` stays fp32 with these "
+               "weights; `--precision bf16` forces it")
+    return (f"bf16 vs fp32 masks on {b['images']} held-out images: Dice {b['dice']:.4f}, worst image "
+            f"{b['min_dice']:.4f}, {b['count_mismatches']} with another lesion count; {verdict}")
+
+
 def card_markdown(entry, heldout, provenance, info) -> str:
     name = models.card(entry["model"])["display_name"]
     hist = provenance.get("training", {})
@@ -49,7 +60,8 @@ def card_markdown(entry, heldout, provenance, info) -> str:
              f"| hardware | {info['hardware']} |",
              f"| selected checkpoint | epoch {hist.get('best_epoch')} of {hist.get('epochs_run')} run, validation Dice "
              f"{_fmt(metrics.get('val_dice'))} |",
-             f"| data licence | {info['licence']} |", "",
+             f"| data licence | {info['licence']} |",
+             f"| CPU bf16 (`precision=auto`) | {_agreement_line(entry.get('precision_agreement'))} |", "",
              f"## Held-out test metrics ({heldout.summary['images']} images never trained on or used for selection)", "",
              "Computed with `lesionseg predict`'s path (the predictor at the card's input size, the card's threshold) "
              "on the original files. Dice/IoU: mean over images (an image without the lesion scores 1 when nothing is "
@@ -83,13 +95,16 @@ def main() -> int:
     ap.add_argument("--note", action="append", default=[])
     ap.add_argument("--command", required=True, help="the command that reproduces the run")
     ap.add_argument("--limit", type=int, help="evaluate only the first N held-out images (quick checks)")
+    ap.add_argument("--agreement-images", type=int, default=8,
+                    help="held-out images on which bf16 is compared with fp32 (CPUs with native bf16; 0: skip)")
     args = ap.parse_args()
 
     data = json.loads((args.run / "data.json").read_text())
     recipe = json.loads((args.run / "recipe.json").read_text())
     best = args.run / "best.pt"
     provenance = load(best).provenance
-    predictor = Predictor(str(best), device="cpu")
+    # the card's numbers are fp32, the reference every lower precision is compared with
+    predictor = Predictor(str(best), device="cpu", precision="fp32")
     spec = target_spec(predictor.name, models.preset(predictor.name, predictor.preset))
     roots = data["root"] if isinstance(data["root"], list) else [data["root"]]
     items = folder_items([Path(r) for r in roots], spec, recipe, {})
@@ -99,6 +114,16 @@ def main() -> int:
     heldout = evaluate_heldout(predictor, pairs, progress=lambda i, n: print(f"  {i}/{n}", file=sys.stderr)
                                if i % 10 == 0 or i == n else None)
     feats = cpu_features()
+    agreement = None
+    if feats["native_bf16"] and args.agreement_images:
+        # what lets precision="auto" use bf16 with these weights (runtime.keep_masks)
+        from LesionSegLib.data.images import read_image
+        from LesionSegLib.inference import quantization as q
+        some = pairs[:: max(1, len(pairs) // args.agreement_images)][: args.agreement_images]
+        rep = q.agreement(load(best), [read_image(p.image) for p in some], ["bf16"])["bf16"]
+        agreement = {"bf16": {k: rep[k] for k in ("dice", "min_dice", "count_mismatches", "images", "agrees")},
+                     "cpu": cpu_name(), "images": "held-out test images"}
+        print(f"bf16 against fp32: {q.describe(rep)}", file=sys.stderr)
     hardware = (f"{cpu_name()} ({', '.join(k for k, v in feats.items() if v and k != 'native_bf16') or 'no AVX2'}), "
                 f"{int(provenance.get('training', {}).get('torch_threads', 1))} torch thread(s), CPU only")
     info = {"data": args.data_text or ", ".join(Path(r).name for r in roots)
@@ -107,7 +132,8 @@ def main() -> int:
                      f"test {len(data['split']['held_out_test_cases'])} cases; {data['case_rule']}",
             "budget": args.budget, "hardware": hardware, "licence": args.licence, "summary": args.summary,
             "start": args.start, "notes": args.note, "command": args.command}
-    entry = write_release(best, args.out, name=args.name, heldout=heldout, info=info)
+    entry = write_release(best, args.out, name=args.name, heldout=heldout, info=info,
+                          precision_agreement=agreement)
     (args.out / f"{args.name}.md").write_text(card_markdown(entry, heldout, provenance, info), encoding="utf-8")
     (args.out / f"{args.name}.heldout.json").write_text(json.dumps(heldout.per_image, indent=0) + "\n")
     print(json.dumps(heldout.summary, indent=1))

@@ -266,6 +266,10 @@ class Predictor:
         self.preset = self.card["preset"].get("name")
         self.classes: List[Dict[str, Any]] = [dict(c) for c in self.card["classes"]]
         self.provenance = provenance or {}
+        self.precision, self._amp_dtype, self.precision_message = runtime.keep_masks(
+            (self.precision, self._amp_dtype), precision, self._device, self.provenance)
+        if self.precision_message:
+            log.info("%s: %s", name, self.precision_message)
         spec = self.card["input"]
         if int(spec.get("dims", 2)) != 2:
             raise InputError(f"{name}: only 2-D networks are supported by the predictor")

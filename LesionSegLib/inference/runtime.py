@@ -168,6 +168,25 @@ def select_precision(precision: str, device: torch.device,
     return ("fp32" if dtype is None else ("bf16" if dtype is torch.bfloat16 else "fp16")), dtype
 
 
+def keep_masks(selected: Tuple[str, Optional[torch.dtype]], requested: str, device: torch.device,
+               provenance: Optional[dict]) -> Tuple[str, Optional[torch.dtype], str]:
+    """``auto``'s CPU bf16 only for weights whose masks it keeps: a release file records
+    bf16-vs-fp32 agreement on its held-out images (``provenance["precision_agreement"]``,
+    written by the release script); where that record misses the bar (Dice ≥ 0.99, equal
+    lesion counts), ``auto`` falls back to fp32. An explicit precision is never changed.
+    Returns ``(name, autocast dtype, message)``; the message is empty when nothing changed."""
+    name, dtype = selected
+    if (requested or "auto").strip().lower() != "auto" or device.type != "cpu" or name != "bf16":
+        return name, dtype, ""
+    from .quantization import agrees
+    record = ((provenance or {}).get("precision_agreement") or {}).get("bf16")
+    if not record or agrees(record):
+        return name, dtype, ""
+    return "fp32", None, (f"fp32 instead of bf16: with these weights bf16 masks agree with fp32 only to Dice "
+                          f"{record.get('dice', float('nan')):.3f} ({record.get('count_mismatches')} image(s) with "
+                          f"another lesion count) on their held-out images; precision='bf16' forces it")
+
+
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     if dtype is None:
         return contextlib.nullcontext()

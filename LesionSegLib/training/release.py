@@ -109,10 +109,14 @@ def evaluate_heldout(predictor, pairs: Sequence[ImagePair], progress=None, on_im
 
 
 # ------------------------------------------------------------------------- release files
-def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info: Dict[str, Any]) -> Dict[str, Any]:
+def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info: Dict[str, Any],
+                  precision_agreement: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write ``<out_dir>/<name>.pt`` (the checkpoint with fp16 tensors) and add or replace
     its entry in ``<out_dir>/manifest.json``; returns the entry. ``info``: what the card
-    and manifest say about training (data, split, budget, hardware, licence)."""
+    and manifest say about training (data, split, budget, hardware, licence).
+    ``precision_agreement``: lower precisions against fp32 on held-out images
+    (:func:`..inference.quantization.agreement`); the Predictor's ``auto`` reads it
+    (:func:`..inference.runtime.keep_masks`)."""
     from .. import checkpoint as ckpt
     from ..weights import MANIFEST_FORMAT, MANIFEST_NAME, release_manifest, sha256_file
     out_dir = Path(out_dir)
@@ -121,12 +125,16 @@ def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info
     model = ck.model.half()  # half precision halves the file; loading casts back to fp32
     provenance = dict(ck.provenance, heldout=heldout.summary, heldout_per_class=heldout.per_class,
                       release=info)
+    if precision_agreement:
+        provenance["precision_agreement"] = precision_agreement
     target = out_dir / f"{name}.pt"
     ckpt.save(target, model, card=ck.card, config=ck.config, provenance=provenance)
     entry = {"file": target.name, "model": ck.name, "preset": ck.card["preset"]["name"],
              "sha256": sha256_file(target), "size": target.stat().st_size, "dtype": "float16",
              "card": f"{name}.md", "date": _dt.date.today().isoformat(),
              "metrics": {"heldout": heldout.summary}, "training": info}
+    if precision_agreement:
+        entry["precision_agreement"] = precision_agreement
     manifest = release_manifest(out_dir)
     manifest = {"format": MANIFEST_FORMAT, "version": 1,
                 "files": [f for f in manifest["files"] if f["file"] != entry["file"]] + [entry]}
