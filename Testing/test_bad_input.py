@@ -3,7 +3,7 @@
 Every case either gives the correct result on the input's exact grid, or fails with
 one line that names the file and the problem, a non-zero exit status and nothing at
 the destination. The network is a real registered U-Net with hand-set weights whose
-output is a z-score threshold (Testing/slicer_support.py), so the correct result of
+output is a z-score threshold (Testing/helpers.py), so the correct result of
 every input is known: the voxels brighter than 200.
 
 The file cases run in ONE real ``lesionseg predict`` subprocess over a folder holding
@@ -25,7 +25,7 @@ import pytest
 import SimpleITK as sitk
 
 from LesionSegLib import checkpoint, cli, models
-from slicer_support import threshold_unet
+from helpers import threshold_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "stroke-dwi"

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from LesionSegLib.commands.benchmark import reference_loop, synthetic_volume
 from LesionSegLib.inference import Predictor
-from test_inference_geometry import shifted_threshold_unet
+from helpers import shifted_threshold_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 

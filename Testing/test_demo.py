@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from LesionSegLib import checkpoint
 
 from conftest import ROOT, SHARED_DATA
-from slicer_support import threshold_unet
+from helpers import threshold_unet
 
 DATA = ROOT / "demo" / "data"
 

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from LesionSegLib import checkpoint, models
 from LesionSegLib.fileio import WriteError, atomic_write_text, clean_stale_temporaries, is_temporary_name
 from LesionSegLib.inference.io import write_image
-from slicer_support import threshold_unet
+from helpers import threshold_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

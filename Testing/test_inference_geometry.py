@@ -21,40 +21,10 @@ from LesionSegLib.inference import Predictor
 from LesionSegLib.inference.geometry import Canonical, axis_mapping, obliquity_degrees, orientation_code
 from LesionSegLib.preprocessing import InputError
 
+from helpers import rotation, shifted_threshold_unet
+
 SPACING = (0.7, 0.9, 2.5)
 ORIGIN = (-112.5, 37.25, 80.0)
-
-
-def shifted_threshold_unet(preset="covid-ct", dy=1, dx=1, t=0.5, gain=20.0):
-    """U-Net (default configuration) computing ``gain·(relu(v(y+dy, x+dx)) − t)``: the
-    first conv reads the (dy, dx) neighbour into channel 0, every other weight is zero,
-    BatchNorms are identities, the decoder passes skip channel 0 through, the head
-    thresholds it."""
-    net = models.create("unet", preset=preset)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.fill_(1.0)
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0)
-        net.encoder[0][0][0].weight[0, 0, 1 + dy, 1 + dx] = 1.0
-        net.encoder[0][1][0].weight[0, 0, 1, 1] = 1.0
-        top = net.decoder[-1].conv  # concatenation [skip, up]: channel 0 is skip channel 0
-        top[0][0].weight[0, 0, 1, 1] = 1.0
-        top[1][0].weight[0, 0, 1, 1] = 1.0
-        net.head.weight[0, 0, 0, 0] = gain
-        net.head.bias[0] = -gain * t
-    return net.eval()
-
-
-def rotation(axis, degrees):
-    a = np.asarray(axis, float)
-    a /= np.linalg.norm(a)
-    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    th = np.radians(degrees)
-    return np.eye(3) + np.sin(th) * k + (1 - np.cos(th)) * k @ k
 
 
 def canonical_case():

@@ -11,7 +11,7 @@ from conftest import randomize_norm_stats
 from LesionSegLib import checkpoint, models
 from LesionSegLib.inference import CancelToken, Cancelled, Predictor, runtime
 from LesionSegLib.preprocessing import InputError
-from test_inference_geometry import shifted_threshold_unet
+from helpers import shifted_threshold_unet
 
 
 def ct_volume(slices=7, blobs=((2, 10, 12, 6),)):

@@ -9,7 +9,7 @@ from LesionSegLib import models
 from LesionSegLib.inference import Predictor
 from LesionSegLib.inference.tiling import MIN_WEIGHT, TileBlender, blend_window, tile_grid, tile_starts
 from LesionSegLib.preprocessing import InputError
-from test_inference_geometry import shifted_threshold_unet
+from helpers import shifted_threshold_unet
 
 
 def test_tile_starts_cover_the_image_with_the_requested_overlap():

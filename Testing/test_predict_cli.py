@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LesionSegLib import checkpoint
-from test_inference_geometry import rotation, shifted_threshold_unet
+from helpers import rotation, shifted_threshold_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 

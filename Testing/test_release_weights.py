@@ -20,7 +20,7 @@ from LesionSegLib.inference import Predictor
 from LesionSegLib.training.release import evaluate_heldout, heldout_pairs, write_release
 
 from conftest import SHARED_DATA
-from test_inference_geometry import shifted_threshold_unet
+from helpers import shifted_threshold_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 

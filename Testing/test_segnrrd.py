@@ -5,7 +5,7 @@ import pytest
 from LesionSegLib import models
 from LesionSegLib.slicer.segnrrd import write_seg_nrrd
 
-from slicer_support import lesion_volume
+from helpers import lesion_volume
 
 slicer = pytest.importorskip("slicer")
 

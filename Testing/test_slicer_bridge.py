@@ -15,7 +15,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 import SimpleITK as sitk  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
-from slicer_support import lesion_volume  # noqa: E402
+from helpers import lesion_volume  # noqa: E402
 
 from LesionSegLib.slicer import bridge  # noqa: E402
 from LesionSegLib import models  # noqa: E402

@@ -1,7 +1,7 @@
 """LesionSegLogic with slicer-core's real MRML and the real Predictor.
 
 The network is a registered U-Net whose weights are set by hand so that its output is an
-intensity threshold (Testing/slicer_support.py): the tests know exactly where the lesion
+intensity threshold (Testing/helpers.py): the tests know exactly where the lesion
 must be found, on any orientation, without training. Skipped without slicer-core."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
 
 import SimpleITK as sitk  # noqa: E402
-from slicer_support import lesion_volume, threshold_unet  # noqa: E402
+from helpers import lesion_volume, threshold_unet  # noqa: E402
 
 from LesionSegLib import checkpoint, models  # noqa: E402
 from LesionSegLib.slicer import bridge  # noqa: E402

@@ -9,7 +9,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
 
-from slicer_support import lesion_volume  # noqa: E402
+from helpers import lesion_volume  # noqa: E402
 
 from LesionSegLib import checkpoint  # noqa: E402
 from LesionSegLib.slicer import bridge  # noqa: E402

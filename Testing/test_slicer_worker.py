@@ -24,7 +24,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
 
 import SimpleITK as sitk  # noqa: E402
-from slicer_support import lesion_volume, threshold_unet  # noqa: E402
+from helpers import lesion_volume, threshold_unet  # noqa: E402
 
 from LesionSegLib import checkpoint, models  # noqa: E402
 from LesionSegLib.slicer import bridge, worker  # noqa: E402

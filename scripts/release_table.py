@@ -70,7 +70,14 @@ def section(folder: Path) -> str:
         stem = Path(f["file"]).stem
         if (ROOT / "docs" / "figures" / f"release-{stem}-curves.png").is_file():
             details += [f"![learning curves of {stem}](figures/release-{stem}-curves.png)", ""]
-    lines += ["", *details, END]
+    lines += ["", "**U-Net baselines** with the same data, split and budget were not trained for these releases: "
+              "the machine's two cores ran the two release runs for the whole budget. Each card's command with "
+              "`--model unet` (and without `--pretrained` for L-Seg's VGG-16 file) is the baseline run; "
+              "`scripts/release_weights.py` scores it the same way.", "",
+              "**Not shipped yet** (no CPU time left for them; same commands, other data): M2SNet `breast-us` "
+              "(BUSI, `--data ../shared/data/breast-busi`), BSNet `covid-ct` (COVID-SemiSeg, 50 labelled slices), "
+              "MS-LKSeg `binary-lesion`. MSE-Net ships only as the demo (`demo/model/`, one ISLES case, "
+              "synthetic lesions).", "", *details, END]
     return "\n".join(lines)
 
 

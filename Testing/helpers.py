@@ -1,6 +1,7 @@
-"""Helpers shared by the test_slicer_* files: a synthetic oblique volume with a known
-lesion, and a hand-set U-Net whose output is an intensity threshold (so that tests of
-the Slicer path know where the segments must be without training anything)."""
+"""Helpers shared by the tests: a synthetic oblique volume with a known lesion, hand-set
+U-Nets whose output is a known function of the input (an intensity threshold, optionally
+read from a neighbouring pixel), so that tests know where the segments must be without
+training anything, and rotation matrices for oblique directions."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,3 +64,37 @@ def threshold_unet(z_threshold: float = 2.5, gain: float = 8.0):
         net.head.weight[0, 0, 0, 0] = gain
         net.head.bias[0] = -gain * z_threshold
     return net.eval()
+
+
+def shifted_threshold_unet(preset="covid-ct", dy=1, dx=1, t=0.5, gain=20.0):
+    """U-Net (default configuration) computing ``gain·(relu(v(y+dy, x+dx)) − t)``: the
+    first conv reads the (dy, dx) neighbour into channel 0, every other weight is zero,
+    BatchNorms are identities, the decoder passes skip channel 0 through, the head
+    thresholds it."""
+    import torch
+    from LesionSegLib import models
+    net = models.create("unet", preset=preset)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+        net.encoder[0][0][0].weight[0, 0, 1 + dy, 1 + dx] = 1.0
+        net.encoder[0][1][0].weight[0, 0, 1, 1] = 1.0
+        top = net.decoder[-1].conv  # concatenation [skip, up]: channel 0 is skip channel 0
+        top[0][0].weight[0, 0, 1, 1] = 1.0
+        top[1][0].weight[0, 0, 1, 1] = 1.0
+        net.head.weight[0, 0, 0, 0] = gain
+        net.head.bias[0] = -gain * t
+    return net.eval()
+
+
+def rotation(axis, degrees):
+    a = np.asarray(axis, float)
+    a /= np.linalg.norm(a)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    th = np.radians(degrees)
+    return np.eye(3) + np.sin(th) * k + (1 - np.cos(th)) * k @ k
