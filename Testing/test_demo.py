@@ -84,7 +84,7 @@ IDRID = SHARED_DATA / "fundus-idrid20"
 
 
 def test_demo_fundus_part_reproduces_the_lseg_card_on_its_held_out_photograph(tmp_path):
-    """The real fundus case of ``make demo``: L-Seg's shipped weights on IDRiD_08 (a test
+    """The real fundus case of ``make demo``: L-Seg's shipped weights on IDRiD_11 (a test
     case of weights/splits/idrid.json) give the per-class Dice of their card's held-out
     table, the overlay has both panels, and the expert's lesions are drawn in the left one."""
     card = ROOT / "weights" / "lseg-fundus-dr.heldout.json"
@@ -97,12 +97,14 @@ def test_demo_fundus_part_reproduces_the_lseg_card_on_its_held_out_photograph(tm
                         "--fundus", str(IDRID)], cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "fundus-summary.json").read_text())
-    rows = {row["class"]: row for row in json.loads(card.read_text()) if row["case"] == "IDRiD_08"}
+    rows = {row["class"]: row for row in json.loads(card.read_text()) if row["case"] == "IDRiD_11"}
     assert len(rows) == 4
     for name, row in rows.items():
         cls = name[name.rfind("(") + 1: name.rfind(")")]
         assert summary["classes"][cls]["dice"] == pytest.approx(row["dice"], abs=1e-3), cls
-    assert summary["classes"]["EX"]["dice"] >= 0.2 and summary["mean_aupr"] >= 0.1
+    # floors well below what the shipped weights give (EX 0.64, mean AUPR over EX, HE, MA 0.43)
+    assert summary["classes"]["EX"]["dice"] >= 0.5 and summary["mean_aupr"] >= 0.3
+    assert summary["classes"]["SE"]["expert_pixels"] == 0 and summary["classes"]["SE"]["aupr"] is None
     png = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "fundus-overlay.png")))
     assert png.shape == (2848 // 4, 2 * (4288 // 4) + 8, 3)
     yellow = (png[..., 0] > 200) & (png[..., 1] > 160) & (png[..., 2] < 90)
@@ -113,11 +115,11 @@ def test_demo_fundus_part_says_why_it_is_skipped(tmp_path, monkeypatch, capsys):
     from LesionSegLib import weights
     from LesionSegLib.commands.demo.fundus import run_fundus
     monkeypatch.setenv(weights.RELEASE_ENV_VAR, str(tmp_path / "no-weights"))
-    assert run_fundus(IDRID, "IDRiD_08", tmp_path / "out", "cpu") is None
+    assert run_fundus(IDRID, "IDRiD_11", tmp_path / "out", "cpu") is None
     assert "no shipped L-Seg fundus-dr weights" in capsys.readouterr().out
     if not (ROOT / "weights" / "lseg-fundus-dr.pt").is_file():
         return
     monkeypatch.setenv(weights.RELEASE_ENV_VAR, str(ROOT / "weights"))
-    assert run_fundus(tmp_path / "nowhere", "IDRiD_08", tmp_path / "out", "cpu") is None
+    assert run_fundus(tmp_path / "nowhere", "IDRiD_11", tmp_path / "out", "cpu") is None
     text = capsys.readouterr().out
     assert "is not on this machine" in text and "--fundus" in text and not (tmp_path / "out").exists()

@@ -1,11 +1,11 @@
-"""Write the fixed train / validation / test splits of the release weights
-(``weights/splits/*.json``) from the data in ../shared/data.
+"""Write the fixed train / validation / test split of the polyp release weights
+(``weights/splits/polyp.json``) from the data in ../shared/data.
 
-Cases never straddle two parts: CVC-ClinicDB is split by video sequence, Kvasir-SEG and
-BUSI by image (BUSI's near-duplicates grouped first: see ``busi_groups``), IDRiD by image,
-COVID-SemiSeg by blocks of 10 consecutive slice numbers (the project's default case rule).
-The ``test`` cases are never trained on nor used for model selection; the release cards
-report metrics on them. Re-running this script reproduces the files byte for byte.
+Cases never straddle two parts: CVC-ClinicDB is split by video sequence, Kvasir-SEG by
+image. The ``test`` cases are never trained on nor used for model selection; the release
+cards report metrics on them. Re-running this script reproduces the file byte for byte.
+(``weights/splits/idrid.json`` is written by hand: 15 images, two for validation, three
+for test, listed in the file.)
 
     python scripts/make_splits.py [--data ../shared/data] [--out weights/splits]
 """

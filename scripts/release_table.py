@@ -58,7 +58,7 @@ def section(folder: Path) -> str:
         per_class = prov.get("heldout_per_class") or {}
         hist = prov.get("training", {})
         details += [f"### {name} / `{f['preset']}`", "",
-                    f"Selected epoch {hist.get('best_epoch')} of {hist.get('epochs_run')}; "
+                    f"Selected epoch {int(hist.get('best_epoch', -1)) + 1} of {f['training'].get('epochs', '?')}; "
                     f"validation Dice {_f((prov.get('metrics') or {}).get('val_dice'))}.", ""]
         if len(per_class) > 1 or any("aupr" in e for e in per_class.values()):
             details += ["| class | images with lesion | Dice | Dice (lesion images) | IoU | HD95 px | AUPR |",

@@ -32,6 +32,12 @@ def _fmt(v, digits=3) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _case_rule(data, roots) -> str:
+    rules = data["case_rule"] if isinstance(data["case_rule"], list) else [data["case_rule"]]
+    return "; ".join(f"{Path(r).name}: {rule.replace(str(Path(r)) + '/', '')}" if len(roots) > 1 else
+                     rule.replace(str(Path(r)) + "/", "") for r, rule in zip(roots, rules))
+
+
 def _agreement_line(record) -> str:
     if not record:
         return "not measured (no CPU with native bf16 at release time): `auto` uses bf16 on such CPUs"
@@ -58,8 +64,8 @@ def card_markdown(entry, heldout, provenance, info) -> str:
              f"| start | {info.get('start', 'random initialisation')} |",
              f"| budget | {info['budget']} |",
              f"| hardware | {info['hardware']} |",
-             f"| selected checkpoint | epoch {hist.get('best_epoch')} of {hist.get('epochs_run')} run, validation Dice "
-             f"{_fmt(metrics.get('val_dice'))} |",
+             f"| selected checkpoint | epoch {int(hist.get('best_epoch', -1)) + 1} of {info['epochs']} (highest "
+             f"validation Dice, {_fmt(metrics.get('val_dice'))}) |",
              f"| data licence | {info['licence']} |",
              f"| CPU bf16 (`precision=auto`) | {_agreement_line(entry.get('precision_agreement'))} |", "",
              f"## Held-out test metrics ({heldout.summary['images']} images never trained on or used for selection)", "",
@@ -103,8 +109,11 @@ def main() -> int:
     recipe = json.loads((args.run / "recipe.json").read_text())
     best = args.run / "best.pt"
     provenance = load(best).provenance
-    # the card's numbers are fp32, the reference every lower precision is compared with
-    predictor = Predictor(str(best), device="cpu", precision="fp32")
+    # the numbers of the card are those of the file users get: its weights rounded to fp16
+    # (the release format) and computed in fp32, the reference of every lower precision
+    shipped = load(best)
+    shipped.model.half().float()
+    predictor = Predictor(shipped, device="cpu", precision="fp32")
     spec = target_spec(predictor.name, models.preset(predictor.name, predictor.preset))
     roots = data["root"] if isinstance(data["root"], list) else [data["root"]]
     items = folder_items([Path(r) for r in roots], spec, recipe, {})
@@ -120,7 +129,7 @@ def main() -> int:
         from LesionSegLib.data.images import read_image
         from LesionSegLib.inference import quantization as q
         some = pairs[:: max(1, len(pairs) // args.agreement_images)][: args.agreement_images]
-        rep = q.agreement(load(best), [read_image(p.image) for p in some], ["bf16"])["bf16"]
+        rep = q.agreement(shipped, [read_image(p.image) for p in some], ["bf16"])["bf16"]
         agreement = {"bf16": {k: rep[k] for k in ("dice", "min_dice", "count_mismatches", "images", "agrees")},
                      "cpu": cpu_name(), "images": "held-out test images"}
         print(f"bf16 against fp32: {q.describe(rep)}", file=sys.stderr)
@@ -129,9 +138,17 @@ def main() -> int:
     info = {"data": args.data_text or ", ".join(Path(r).name for r in roots)
             + f" ({data['train_items']} training, {data['val_items']} validation images)",
             "split": f"`weights/splits/{Path(split).name}`: validation {len(data['val_cases'])} cases, "
-                     f"test {len(data['split']['held_out_test_cases'])} cases; {data['case_rule']}",
+                     f"test {len(data['split']['held_out_test_cases'])} cases; {_case_rule(data, roots)}",
             "budget": args.budget, "hardware": hardware, "licence": args.licence, "summary": args.summary,
-            "start": args.start, "notes": args.note, "command": args.command}
+            "start": args.start, "notes": args.note, "command": args.command,
+            "epochs": sum(1 for _ in (args.run / "log.csv").open()) - 1}
+    if len(roots) > 1:  # several folders trained as one set: the score of each on its own
+        for root in roots:
+            mine = [r for r in heldout.per_image if r["case"].startswith(Path(root).name + "/")]
+            if mine:
+                info["notes"] = info["notes"] + [
+                    f"Held-out {Path(root).name} alone: {len(mine)} images, Dice "
+                    f"{sum(r['dice'] for r in mine) / len(mine):.3f}, IoU {sum(r['iou'] for r in mine) / len(mine):.3f}."]
     entry = write_release(best, args.out, name=args.name, heldout=heldout, info=info,
                           precision_agreement=agreement)
     (args.out / f"{args.name}.md").write_text(card_markdown(entry, heldout, provenance, info), encoding="utf-8")

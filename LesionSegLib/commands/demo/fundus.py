@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-DEFAULT_CASE = "IDRiD_08"  # a held-out test image with all four lesion classes
+DEFAULT_CASE = "IDRiD_11"  # the held-out test image with the most exudates (no soft exudates)
 # Lesion colours of the overlay, in the order of L-Seg's classes where present
 COLOURS = {"EX": (255, 220, 0), "HE": (255, 40, 40), "MA": (60, 255, 60), "SE": (0, 200, 255)}
 SHRINK = 4  # the 4288 x 2848 photograph is drawn at a quarter of its size
