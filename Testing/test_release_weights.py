@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from LesionSegLib import checkpoint, weights
 from LesionSegLib.data import folder_pairs
+from LesionSegLib.data.images import read_mask
 from LesionSegLib.inference import Predictor
 from LesionSegLib.training.release import evaluate_heldout, heldout_pairs, write_release
 
@@ -144,11 +145,11 @@ def _release_entry(name):
 
 def test_shipped_polyp_weights_reproduce_their_card_through_lesionseg_predict(tmp_path):
     """``lesionseg predict --model m2snet --preset polyp`` without a checkpoint, on the first
-    held-out images of the card: the same per-image Dice as weights/m2snet-polyp.heldout.json,
-    and above a floor."""
+    held-out images of the card (every 20th, ClinicDB and Kvasir): the same per-image Dice as
+    weights/m2snet-polyp.heldout.json, and a mean above a floor."""
     _release_entry("m2snet-polyp")
     rows = json.loads((ROOT / "weights" / "m2snet-polyp.heldout.json").read_text())
-    rows = [r for r in rows if r["reference_pixels"] > 0][:3]
+    rows = [r for r in rows if r["reference_pixels"] > 0][::20]
     folders = {r["case"].split("/")[0] for r in rows}
     if not all((SHARED_DATA / f).is_dir() for f in folders):
         pytest.skip("../shared/data polyp sets absent")
@@ -156,16 +157,17 @@ def test_shipped_polyp_weights_reproduce_their_card_through_lesionseg_predict(tm
     for r in rows:
         pair = next(p for p in folder_pairs(SHARED_DATA / r["case"].split("/")[0]) if p.image.name == r["image"])
         images.append(pair.image)
-        masks[pair.image.stem] = sitk.GetArrayFromImage(sitk.ReadImage(str(pair.mask))) > 127
+        masks[pair.image.stem] = read_mask(pair.mask) > 0  # the reader the card's scores used
     out = tmp_path / "out"
     r = lesionseg("predict", "--model", "m2snet", "--preset", "polyp", "--device", "cpu", "--precision", "fp32",
                   *images, "-o", out, env={weights.ENV_VAR: str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "m2snet-polyp.pt" in r.stdout + r.stderr
+    dices = []
     for row in rows:
         stem = Path(row["image"]).stem
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stem}_label.png"))) > 0
         gt = masks[stem]
-        dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
-        assert dice == pytest.approx(row["dice"], abs=0.01), (row["image"], dice, row["dice"])
-        assert dice >= 0.3, (row["image"], dice)
+        dices.append(2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
+        assert dices[-1] == pytest.approx(row["dice"], abs=0.01), (row["image"], dices[-1], row["dice"])
+    assert np.mean(dices) >= 0.4, dices  # the card: 0.565 over all 177 held-out images
