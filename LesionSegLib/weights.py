@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from .fileio import atomic_write_text
+
 ENV_VAR = "LESIONSEG_CACHE"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 CHUNK = 1 << 20
@@ -317,14 +319,7 @@ def _jsonable(obj):
 
 
 def _write_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _tmp_in_cache(prefix: str) -> Path:

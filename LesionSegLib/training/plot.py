@@ -16,24 +16,14 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_path, atomic_write_bytes
+
 COLORS = {"train_loss": (31, 119, 180), "val_loss": (255, 127, 14), "val_dice": (44, 160, 44),
           "val_iou": (148, 103, 189)}
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Rename into place with the permissions of a normally created file (mkstemp makes
-    0600 files, which other users, e.g. a web viewer, could not read)."""
-    import os
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def write_png(path, rgb: np.ndarray) -> Path:
     """Write an (H, W, 3) uint8 array as an 8-bit RGB PNG (zlib, filter 0), atomically."""
-    import os
-    import tempfile
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     h, w, _ = rgb.shape
     raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
@@ -43,12 +33,7 @@ def write_png(path, rgb: np.ndarray) -> Path:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    with os.fdopen(fd, "wb") as f:
-        f.write(png)
-    _publish(tmp, path)
-    return path
+    return atomic_write_bytes(path, png)
 
 
 # 3x5 glyphs for numbers and a few letters (rows top to bottom, 3 bits each)
@@ -133,13 +118,9 @@ def plot_curves(history: Sequence[Dict[str, float]], path) -> Path:
         b.set_ylim(0, 1)
         b.set_ylabel("validation Dice / IoU")
         fig.tight_layout()
-        import os
-        import tempfile
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=str(path.parent))
-        os.close(fd)
-        fig.savefig(tmp, dpi=100)
+        with atomic_path(path, suffix=".tmp.png") as tmp:  # matplotlib picks the format by extension
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        _publish(tmp, path)
         return path
     h, w = 360, 900
     img = np.full((h, w, 3), 245, np.uint8)

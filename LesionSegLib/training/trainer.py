@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
+from ..fileio import atomic_write_text
 from .. import models
 from ..data import DataError
 from ..data.dataset import (EpochBatchSampler, FolderSource, SegmentationDataset, TargetSpec, VolumeSource,
@@ -422,25 +423,23 @@ def _amp(recipe_amp, device: torch.device):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _write_csv(path: Path, history: List[Dict[str, Any]]) -> None:
     import csv
+    import io
     keys: List[str] = []
     for h in history:
         for k in h:
             if k not in keys:
                 keys.append(k)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for h in history:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=keys)
+    w.writeheader()
+    for h in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()})
+    atomic_write_text(path, text.getvalue())
 
 
 class _Printer:
