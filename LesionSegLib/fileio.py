@@ -27,7 +27,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 try:  # POSIX advisory locks; on Windows an open file cannot be deleted anyway
     import fcntl
@@ -45,6 +45,27 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+#: the file formats LesionSeg reads, one table for every reader and writer
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+READABLE_EXTENSIONS = VOLUME_EXTENSIONS + IMAGE_EXTENSIONS
+#: Slicer's segmentation files (a double extension that ends like a volume's)
+SEGMENTATION_EXTENSIONS = (".seg.nrrd",)
+
+
+def split_extension(path, extensions: Sequence[str] = SEGMENTATION_EXTENSIONS + READABLE_EXTENSIONS
+                    ) -> Tuple[str, str]:
+    """``(stem, extension)``, the extension in lower case, the longest of ``extensions``
+    that the name ends with (``.seg.nrrd`` and ``.nii.gz`` kept whole), else the last
+    suffix. A name that is only an extension keeps it as its stem."""
+    name = Path(path).name
+    lower = name.lower()
+    for ext in sorted(extensions, key=len, reverse=True):
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[:-len(ext)], ext
+    return Path(name).stem, Path(name).suffix.lower()
 
 
 def _umask() -> int:

@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..data.images import png_palette
-from ..fileio import atomic_path
+from ..fileio import IMAGE_EXTENSIONS, READABLE_EXTENSIONS, atomic_path, split_extension
 from ..validation import arg_type, number
 
-LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp",
-                    ".tif", ".tiff")
+LABEL_EXTENSIONS = READABLE_EXTENSIONS
 PROB_EXTENSIONS = LABEL_EXTENSIONS + (".npy",)
-EIGHT_BIT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+EIGHT_BIT_EXTENSIONS = IMAGE_EXTENSIONS
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
 
 
@@ -48,16 +47,6 @@ class EvaluationInputError(ValueError):
 
 
 # -------------------------------------------------------------------------- files
-def split_extension(path, extensions=PROB_EXTENSIONS) -> Tuple[str, str]:
-    """(stem, extension) with double extensions such as ``.nii.gz`` kept whole."""
-    name = Path(path).name
-    lower = name.lower()
-    for ext in sorted(extensions, key=len, reverse=True):
-        if lower.endswith(ext) and len(name) > len(ext):
-            return name[:-len(ext)], lower[-len(ext):]
-    return Path(name).stem, Path(name).suffix.lower()
-
-
 def list_cases(folder: Path, extensions) -> Dict[str, Path]:
     """stem → file for the readable files of ``folder`` (hidden files ignored);
     two files with the same stem are an error."""
@@ -142,7 +131,7 @@ def read_probabilities(path):
     import numpy as np
     import SimpleITK as sitk
     path = Path(path)
-    _, ext = split_extension(path)
+    _, ext = split_extension(path, PROB_EXTENSIONS)
     if ext == ".npy":
         try:
             return np.load(path, allow_pickle=False)
@@ -179,7 +168,7 @@ def _cases(pred: Path, gt: Path, prob: Optional[Path]):
     if not pred.is_dir():
         if prob is not None and prob.is_dir():
             raise EvaluationInputError(f"--prob {prob} is a folder but PRED and GT are files")
-        return [(split_extension(pred)[0], pred, gt, prob)], problems
+        return [(split_extension(pred, PROB_EXTENSIONS)[0], pred, gt, prob)], problems
     p_cases, g_cases = list_cases(pred, LABEL_EXTENSIONS), list_cases(gt, LABEL_EXTENSIONS)
     q_cases = None
     if prob is not None:

@@ -25,9 +25,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..fileio import IMAGE_EXTENSIONS
 from .errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 #: threshold of 0…255 binary masks (the middle of the 8-bit range, as the brief and the
 #: official loaders that resize masks bilinearly and round)

@@ -31,19 +31,16 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..fileio import VOLUME_EXTENSIONS, split_extension
 from .errors import DataError
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = VOLUME_EXTENSIONS
 LABEL_WORDS = ("msk", "mask", "masks", "label", "labels", "seg", "segmentation", "lesion", "lesions", "gt", "roi")
 ORIENTATION = "LPS"
 
 
 def volume_stem(path: Path) -> str:
-    name = path.name
-    for s in VOLUME_SUFFIXES:
-        if name.lower().endswith(s):
-            return name[: -len(s)]
-    return path.stem
+    return split_extension(path, VOLUME_SUFFIXES)[0]
 
 
 def is_volume_file(path: Path) -> bool:

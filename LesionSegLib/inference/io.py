@@ -12,12 +12,11 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple
 
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import (IMAGE_EXTENSIONS, READABLE_EXTENSIONS, VOLUME_EXTENSIONS, atomic_path, atomic_write_text,
+                      split_extension)
 from ..preprocessing import InputError
 
-VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-SUPPORTED_EXTS = VOLUME_EXTS + IMAGE_EXTS
+VOLUME_EXTS, IMAGE_EXTS, SUPPORTED_EXTS = VOLUME_EXTENSIONS, IMAGE_EXTENSIONS, READABLE_EXTENSIONS
 #: photographs and screenshots: their pixel spacing is not a physical measurement
 PHOTO_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 #: label maps must be lossless and single-file: JPEG/BMP labels go to PNG, header+raw pairs to one file
@@ -26,14 +25,8 @@ _OUTPUT_EXT = {".jpg": ".png", ".jpeg": ".png", ".bmp": ".png", ".mhd": ".mha", 
 
 
 def split_ext(path) -> Tuple[str, str]:
-    """(stem, extension) with double extensions such as ``.nii.gz`` kept whole."""
-    name = Path(path).name
-    low = name.lower()
-    for ext in SUPPORTED_EXTS:
-        if low.endswith(ext):
-            return name[: -len(ext)], ext
-    p = Path(name)
-    return p.stem, p.suffix.lower()
+    """(stem, extension) of an input or output image file (:func:`..fileio.split_extension`)."""
+    return split_extension(path, SUPPORTED_EXTS)
 
 
 def output_ext(input_ext: str) -> str:

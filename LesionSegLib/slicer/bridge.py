@@ -28,6 +28,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..fileio import split_extension
+
 #: terminology context names Slicer uses for DICOM codes (category/type, anatomic region)
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -564,11 +566,7 @@ def save_segmentation(segmentation_node, path) -> Path:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for ext in (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+    return split_extension(path)[0]
 
 
 def class_segments(segmentation_node, classes: Iterable[Mapping[str, Any]], model: Optional[str] = None,

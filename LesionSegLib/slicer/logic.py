@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+from ..fileio import READABLE_EXTENSIONS
 from . import EFFECT_MODELS, bridge
 from .. import weights as _weights
 
 logger = logging.getLogger("LesionSeg")
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
-                  ".bmp")
+IMAGE_SUFFIXES = READABLE_EXTENSIONS
 OUTPUT_FORMATS = ("seg.nrrd", "nii.gz", "nrrd")
 SUMMARY_NAME = "lesionseg-summary.json"
 LESIONS_NAME = "lesionseg-lesions.csv"
