@@ -141,7 +141,7 @@ def main() -> int:
                      f"test {len(data['split']['held_out_test_cases'])} cases; {_case_rule(data, roots)}",
             "budget": args.budget, "hardware": hardware, "licence": args.licence, "summary": args.summary,
             "start": args.start, "notes": args.note, "command": args.command,
-            "epochs": sum(1 for _ in (args.run / "log.csv").open()) - 1}
+            "epochs": len((args.run / "log.csv").read_text().splitlines()) - 1}
     if len(roots) > 1:  # several folders trained as one set: the score of each on its own
         for root in roots:
             mine = [r for r in heldout.per_image if r["case"].startswith(Path(root).name + "/")]

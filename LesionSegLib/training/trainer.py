@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
-from ..fileio import atomic_write_text
 from .. import models
 from ..data import DataError
+from ..fileio import atomic_write_text
 from ..data.dataset import (EpochBatchSampler, FolderSource, SegmentationDataset, TargetSpec, VolumeSource,
                             collate, target_spec)
 from ..data.folders import case_ids, case_table, class_mask_pairs, detect_layout, folder_pairs, has_class_masks

@@ -1,5 +1,5 @@
 """``lesionseg demo``: segment a real stroke MRI with the shipped demo weights, then a
-real fundus photograph with L-Seg's shipped weights (:mod:`.demo_fundus`).
+real fundus photograph with L-Seg's shipped weights (:mod:`.fundus`).
 
 The main job of LesionSeg, end to end, on data that ships with the repository
 (``demo/``): a real DWI volume (ISLES'22, CC BY-SA 4.0, oblique direction) goes through

@@ -26,10 +26,6 @@ def default_folder() -> Path:
     return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "fundus-idrid20"
 
 
-def _abbreviation(name: str) -> str:
-    return name[name.rfind("(") + 1: name.rfind(")")] if "(" in name else name
-
-
 def _shrink_image(rgb: np.ndarray) -> np.ndarray:
     h, w = (rgb.shape[0] // SHRINK) * SHRINK, (rgb.shape[1] // SHRINK) * SHRINK
     return rgb[:h, :w].reshape(h // SHRINK, SHRINK, w // SHRINK, SHRINK, -1).mean(axis=(1, 3))
@@ -62,11 +58,6 @@ def _number(v):
     return (None if math.isnan(v) else round(v, 4)) if isinstance(v, float) else v
 
 
-def _test_cases(release_dir: Path) -> Optional[set]:
-    split = release_dir / "splits" / "idrid.json"
-    return set(json.loads(split.read_text(encoding="utf-8")).get("test") or []) if split.is_file() else None
-
-
 def run_fundus(folder: Optional[Path], case: str, out: Path, device: str) -> Optional[dict]:
     """Segment ``case`` of the IDRiD folder; returns the summary, or None when skipped."""
     from ... import models, weights
@@ -75,7 +66,7 @@ def run_fundus(folder: Optional[Path], case: str, out: Path, device: str) -> Opt
     from ...inference import Predictor
     from ...inference.io import write_text
     from ...training.plot import write_png
-    from ...training.release import evaluate_heldout
+    from ...training.release import evaluate_heldout, heldout_pairs
     from ...training.trainer import class_suffixes
 
     print("\n--- Fundus photograph: L-Seg, four diabetic-retinopathy lesion classes ---")
@@ -89,32 +80,35 @@ def run_fundus(folder: Optional[Path], case: str, out: Path, device: str) -> Opt
               f"copied into the repository; pass --fundus DIR (images/ and masks/<case>_EX.png …).")
         return None
     spec = target_spec("lseg", models.preset("lseg", "fundus-dr"))
-    pairs = [p for p in class_mask_pairs(folder, class_suffixes(spec), case_regex="^(.*)$") if p.case == case]
+    suffixes = class_suffixes(spec)  # EX, HE, MA, SE: the mask files' and the overlay's names
+    pairs = [p for p in class_mask_pairs(folder, suffixes, case_regex="^(.*)$") if p.case == case]
     if not pairs:
         print(f"Skipped: {folder} has no image {case} with its four lesion masks.")
         return None
-    held_out = _test_cases(weights.release_dir())
-    if held_out is not None and case not in held_out:
-        print(f"Note: {case} is not a held-out test case of weights/splits/idrid.json; the scores below "
-              f"may be optimistic.")
-    print(f"Input   {pairs[0].image}: {case}, IDRiD (CC BY 4.0), held out from training and model selection")
+    split = weights.release_dir() / "splits" / "idrid.json"
+    if split.is_file() and heldout_pairs(pairs, split):
+        print(f"Input   {pairs[0].image}: {case}, IDRiD (CC BY 4.0), held out from training and model selection")
+    else:
+        print(f"Input   {pairs[0].image}: {case}, IDRiD (CC BY 4.0). Note: not a held-out test case of "
+              f"weights/splits/idrid.json; the scores below may be optimistic.")
     print(f"Weights {entry.path} (shipped; card {Path(entry.path).with_suffix('.md').name})")
 
     t0 = time.perf_counter()
     predictor = Predictor(entry.path, device=device)
     drawn = {}
+    short = {c["value"]: s for c, s in zip(spec.classes, suffixes)}
+    short_of_name = {c["name"]: s for c, s in zip(spec.classes, suffixes)}
 
     def keep(pair, image, prediction, masks, reference):
-        names = {c["value"]: _abbreviation(c["name"]) for c in predictor.classes}
-        drawn["picture"] = overlay(image, {names[v]: m for v, m in reference.items()},
-                                   {names[v]: m for v, m in masks.items()})
+        drawn["picture"] = overlay(image, {short[v]: m for v, m in reference.items()},
+                                   {short[v]: m for v, m in masks.items()})
 
     scores = evaluate_heldout(predictor, pairs, on_image=keep)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     picture = write_png(out / "fundus-overlay.png", drawn["picture"])
 
-    per_class = {_abbreviation(name): {"expert_pixels": next(r["reference_pixels"] for r in scores.per_image
+    per_class = {short_of_name[name]: {"expert_pixels": next(r["reference_pixels"] for r in scores.per_image
                                                               if r["class"] == name),
                                        "dice": e["dice"], "iou": e["iou"], "aupr": e.get("aupr")}
                  for name, e in scores.per_class.items()}
