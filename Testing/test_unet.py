@@ -124,3 +124,15 @@ def test_card_and_presets():
         with torch.no_grad():
             assert m(torch.randn(1, ch, h, h)).shape == (1, 1, h, h)
     assert models.preset("unet", "polyp")["input"]["channel_order"] == "RGB"
+
+
+def test_fundus_preset_is_lseg_comparable():
+    """The fundus baseline has L-Seg's four overlapping outputs, classes and training loss."""
+    from LesionSegLib.losses import LSegLoss, build_loss
+    unet, lseg = models.preset("unet", "fundus-dr"), models.preset("lseg", "fundus-dr")
+    assert unet["outputs"]["multi_label"] and unet["outputs"]["channels"] == 4
+    assert [c["name"] for c in unet["classes"]] == [c["name"] for c in lseg["classes"]]
+    assert isinstance(build_loss("unet", "fundus-dr"), LSegLoss)
+    m = models.create("unet", **unet["config"]).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 64, 96)).shape == (1, 4, 64, 96)
