@@ -67,8 +67,8 @@ def registerEffects():
 
 
 def stopWorkers():
-    from LesionSegLib.slicer import worker
-    worker.stop_all()
+    from LesionSegLib.slicer import worker_job
+    worker_job.stop_all()
 
 
 def torchAvailable():

@@ -68,6 +68,11 @@ def split_extension(path, extensions: Sequence[str] = SEGMENTATION_EXTENSIONS + 
     return Path(name).stem, Path(name).suffix.lower()
 
 
+def stem(path) -> str:
+    """The file name without its extension (:func:`split_extension`): ``case.seg.nrrd`` → ``case``."""
+    return split_extension(path)[0]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -44,3 +44,32 @@ def _deterministic_torch():
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+
+
+# ---- the Slicer logic's tests (slicer-core): a scene, a logic on it, a threshold network
+@pytest.fixture(scope="module")
+def unet_checkpoint(tmp_path_factory):
+    """A checkpoint of helpers.threshold_unet: its lesions are known exactly."""
+    from helpers import THRESHOLD_PRESET, threshold_unet
+
+    from LesionSegLib import checkpoint, models
+    path = tmp_path_factory.mktemp("weights") / "unet-threshold.pt"
+    checkpoint.save(path, threshold_unet(), config=models.config("unet", base_width=4, depth=2),
+                    preset=THRESHOLD_PRESET, provenance={"note": "hand-set threshold weights for tests"})
+    return path
+
+
+@pytest.fixture()
+def scene():
+    from LesionSegLib.slicer import bridge
+    s = bridge.new_scene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture()
+def logic(scene, tmp_path, monkeypatch):
+    """LesionSegLogic on ``scene``, with a weights cache of its own (never the user's)."""
+    from LesionSegLib.slicer.logic import LesionSegLogic
+    monkeypatch.setenv("LESIONSEG_CACHE", str(tmp_path / "cache"))
+    return LesionSegLogic(scene=scene)

@@ -98,3 +98,17 @@ def rotation(axis, degrees):
     k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
     th = np.radians(degrees)
     return np.eye(3) + np.sin(th) * k + (1 - np.cos(th)) * k @ k
+
+
+#: the preset the threshold U-Net of the Slicer-logic tests is saved with (conftest.unet_checkpoint)
+THRESHOLD_PRESET = "stroke-dwi"
+
+
+def require_slicer_core():
+    """Skip the calling test module unless the real MRML of slicer-core is installed;
+    returns the ``slicer`` module."""
+    import pytest
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+    return slicer

@@ -671,11 +671,10 @@ def test_a_read_only_output_folder_is_named_not_the_input_or_a_temporary_file(ne
 
 def test_one_extension_table_and_stem_for_every_reader_and_writer():
     from LesionSegLib.data.volumes import volume_stem
-    from LesionSegLib.fileio import split_extension
+    from LesionSegLib.fileio import split_extension, stem
     from LesionSegLib.inference.io import split_ext
-    from LesionSegLib.slicer.bridge import _stem
     assert split_extension("Case7.Seg.NRRD") == ("Case7", ".seg.nrrd")
     assert split_extension("ct.NII.GZ") == ("ct", ".nii.gz") and split_extension("x.bmp") == ("x", ".bmp")
     assert split_extension("notes.v2.txt") == ("notes.v2", ".txt")
     assert split_ext("ct.nii.gz") == ("ct", ".nii.gz") and split_ext("a.seg.nrrd") == ("a.seg", ".nrrd")
-    assert volume_stem(Path("p01_flair.nii.gz")) == "p01_flair" and _stem(Path("p01.seg.nrrd")) == "p01"
+    assert volume_stem(Path("p01_flair.nii.gz")) == "p01_flair" and stem(Path("p01.seg.nrrd")) == "p01"

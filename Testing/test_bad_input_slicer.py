@@ -10,39 +10,17 @@ import subprocess
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from helpers import require_slicer_core  # noqa: E402
+
+slicer = require_slicer_core()
 
 import SimpleITK as sitk  # noqa: E402
-from helpers import lesion_volume, threshold_unet  # noqa: E402
+from helpers import lesion_volume  # noqa: E402
 
-from LesionSegLib import checkpoint, models  # noqa: E402
 from LesionSegLib.slicer import bridge  # noqa: E402
 from LesionSegLib.fileio import is_temporary_name  # noqa: E402
-from LesionSegLib.slicer.logic import LesionSegError, LesionSegLogic  # noqa: E402
 
-PRESET = "stroke-dwi"
-
-
-@pytest.fixture(scope="module")
-def unet_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "unet-threshold.pt"
-    checkpoint.save(path, threshold_unet(), config=models.config("unet", base_width=4, depth=2), preset=PRESET)
-    return path
-
-
-@pytest.fixture()
-def scene():
-    s = bridge.new_scene()
-    yield s
-    s.Clear(1)
-
-
-@pytest.fixture()
-def logic(scene, tmp_path, monkeypatch):
-    monkeypatch.setenv("LESIONSEG_CACHE", str(tmp_path / "cache"))
-    return LesionSegLogic(scene=scene)
+from helpers import THRESHOLD_PRESET as PRESET  # noqa: E402
 
 
 def _state(seg, vol):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from LesionSegLib.commands.benchmark import reference_loop, synthetic_volume
+from LesionSegLib.benchmarking import reference_loop, synthetic_volume
 from LesionSegLib.inference import Predictor
 from helpers import shifted_threshold_unet
 

@@ -16,7 +16,7 @@ from LesionSegLib.data import DataError, folder_pairs
 from LesionSegLib.data.dataset import FolderSource, SegmentationDataset, target_spec
 from LesionSegLib.data.folders import class_mask_pairs, has_class_masks
 from LesionSegLib.data.splits import explicit_split
-from LesionSegLib.training.trainer import class_suffixes, prepare_data
+from LesionSegLib.training.data_prep import class_suffixes, prepare_data
 
 from conftest import SHARED_DATA
 

@@ -196,9 +196,9 @@ def test_device_precision_and_backend_choices(monkeypatch):
         Predictor(net, batch_size=0)
     with pytest.raises(ValueError, match="unknown backend"):
         Predictor(net, backend="tensorrt")
-    monkeypatch.setitem(sys.modules, "LesionSegLib.onnx_backend", None)  # the module is absent
-    import LesionSegLib
-    monkeypatch.delattr(LesionSegLib, "onnx_backend", raising=False)   # also once imported by other tests
+    monkeypatch.setitem(sys.modules, "LesionSegLib.inference.onnx", None)  # the package is absent
+    import LesionSegLib.inference
+    monkeypatch.delattr(LesionSegLib.inference, "onnx", raising=False)   # also once imported by other tests
     with pytest.raises(RuntimeError, match="onnxruntime"):
         Predictor(net, backend="onnxruntime")
     with pytest.raises(InputError, match="input channel"):
@@ -296,7 +296,7 @@ def test_trainable_fft_depthwise_gives_the_convolution_gradients():
 
 
 def test_onnxruntime_backend_gives_the_torch_labels():
-    """The onnxruntime hook end to end (LesionSegLib.onnx_backend exports the fused
+    """The onnxruntime hook end to end (LesionSegLib.inference.onnx exports the fused
     network in memory): same geometry handling, same labels as the torch backend."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
@@ -313,6 +313,6 @@ def test_onnxruntime_backend_gives_the_torch_labels():
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert Predictor(net, device="cpu", backend="onnxruntime")._runner.num_threads == 1
+        assert Predictor(net, device="cpu", backend="onnxruntime").runner.session.num_threads == 1
     finally:
         torch.set_num_threads(previous)

@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from LesionSegLib import models, onnx_backend  # noqa: E402
+from LesionSegLib import models  # noqa: E402
+from LesionSegLib.inference import onnx as onnx_backend  # noqa: E402
 from LesionSegLib.models.fusion import fuse_for_inference  # noqa: E402
 
 from conftest import ROOT, randomize_norm_stats  # noqa: E402
@@ -103,8 +104,9 @@ def test_session_cache_dir_reuses_exports_keyed_by_weights(tmp_path):
     assert len(files) == 1 and files[0].startswith("unet-") and "-1x32x32-dyn-" in files[0]
     assert onnx_backend.metadata(tmp_path / files[0])["card"]["name"] == "unet"
     # a second session finds the graph: export_bytes is not needed any more
-    real_export, calls = onnx_backend.export_bytes, []
-    onnx_backend.export_bytes = lambda *a, **k: calls.append(a) or real_export(*a, **k)
+    from LesionSegLib.inference.onnx import session as onnx_session
+    real_export, calls = onnx_session.export_bytes, []
+    onnx_session.export_bytes = lambda *a, **k: calls.append(a) or real_export(*a, **k)
     try:
         np.testing.assert_array_equal(onnx_backend.OnnxSession(net, cache_dir=tmp_path).run(x), out)
         assert calls == []
@@ -113,7 +115,7 @@ def test_session_cache_dir_reuses_exports_keyed_by_weights(tmp_path):
         onnx_backend.OnnxSession(net, cache_dir=tmp_path, verify=False).run(x)
         assert len(calls) == 1 and len(list(tmp_path.iterdir())) == 2
     finally:
-        onnx_backend.export_bytes = real_export
+        onnx_session.export_bytes = real_export
 
 
 def test_size_is_checked_against_the_card(tmp_path):

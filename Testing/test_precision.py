@@ -45,9 +45,9 @@ def test_detection_is_this_cpu_and_training_follows_it():
         assert f["avx512_bf16"] == ("avx512_bf16" in flags)
     want = "bf16" if f["native_bf16"] else "fp32"
     assert runtime.select_precision("auto", CPU)[0] == want
-    from LesionSegLib.training.trainer import _amp
-    assert _amp("auto", CPU) == (torch.bfloat16 if f["native_bf16"] else None, False)
-    assert _amp("bf16", CPU) == (torch.bfloat16, False) and _amp(False, CPU) == (None, False)
+    from LesionSegLib.training.optim import autocast_choice
+    assert autocast_choice("auto", CPU) == (torch.bfloat16 if f["native_bf16"] else None, False)
+    assert autocast_choice("bf16", CPU) == (torch.bfloat16, False) and autocast_choice(False, CPU) == (None, False)
 
 
 def _record(dice, mismatches=0):
@@ -144,7 +144,7 @@ def test_int8_and_bf16_agree_with_fp32_on_the_demo_stroke_case(tmp_path):
         assert p8.precision == "int8" and p8.backend == "onnxruntime"
         masks = q.prediction_masks(p8, dwi)
     assert any(issubclass(w.category, q.PrecisionWarning) for w in caught) == (not q.agrees(held))
-    assert p8._runner.records[(1, 112, 112)]["cache_file"] == str(graph)
+    assert p8.runner.session.records[(1, 112, 112)]["cache_file"] == str(graph)
     ref = q.prediction_masks(Predictor(str(DEMO_MODEL), device="cpu", precision="fp32"), dwi)
     again = q.compare_masks([ref], [masks])
     assert again["dice"] == pytest.approx(rep["int8"]["dice"])      # the cached graph is the same graph

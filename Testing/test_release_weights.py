@@ -75,6 +75,31 @@ def test_release_file_is_fp16_with_manifest_and_heldout_metrics(release):
     assert raw["provenance"]["heldout"]["dice"] == 1.0
 
 
+def test_a_baseline_is_scored_on_the_runs_own_test_cases_and_kept_across_releases(release):
+    """evaluate_run reads the split from the run's data.json; add_baseline records the
+    result beside the release, and a new release of the same file keeps it."""
+    from LesionSegLib.training import train
+    from LesionSegLib.training.release import add_baseline, evaluate_run
+    tmp, _, entry, heldout, _ = release
+    data = _squares(tmp / "data5", n=5)
+    split = tmp / "split.json"
+    split.write_text(json.dumps({"val": ["case3"], "test": ["case1", "case2"]}))
+    result = train("unet", data, tmp / "baseline-run", preset="covid-ct", device="cpu",
+                   recipe_overrides={"epochs": 1, "batch_size": 2, "size": [32, 32], "split": str(split),
+                                     "model_config": {"base_width": 4, "depth": 2}})
+    run = evaluate_run(result.out_dir)
+    assert sorted(p.case for p in run.pairs) == ["case1", "case2"] and run.heldout.summary["images"] == 2
+    add_baseline(tmp / "weights", entry["file"], {"model": "unet", "heldout": run.heldout.summary})
+    write_release(tmp / "run" / "best.pt", tmp / "weights", name="unet-covid-ct", heldout=heldout,
+                  info={"data": "squares", "budget": "again"})
+    (f,) = json.loads((tmp / "weights" / "manifest.json").read_text())["files"]
+    kept = f["baseline"]["heldout"]
+    assert f["training"]["budget"] == "again"
+    assert kept["images"] == 2 and kept["dice"] == pytest.approx(run.heldout.summary["dice"])
+    with pytest.raises(ValueError, match="not in"):
+        add_baseline(tmp / "weights", "other.pt", {})
+
+
 def test_predict_without_checkpoint_uses_the_shipped_weights_and_says_so(release):
     tmp, data, entry, _, env = release
     out = tmp / "out"

@@ -9,9 +9,9 @@ import textwrap
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from helpers import require_slicer_core  # noqa: E402
+
+slicer = require_slicer_core()
 
 import SimpleITK as sitk  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from helpers import require_slicer_core  # noqa: E402
+
+slicer = require_slicer_core()
 
 from helpers import lesion_volume  # noqa: E402
 

@@ -19,40 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from helpers import require_slicer_core  # noqa: E402
+
+slicer = require_slicer_core()
 
 import SimpleITK as sitk  # noqa: E402
-from helpers import lesion_volume, threshold_unet  # noqa: E402
+from helpers import lesion_volume  # noqa: E402
 
 from LesionSegLib import checkpoint, models  # noqa: E402
-from LesionSegLib.slicer import bridge, worker  # noqa: E402
-from LesionSegLib.slicer.logic import LesionSegLogic  # noqa: E402
+from LesionSegLib.slicer import bridge, worker, worker_job  # noqa: E402
 from LesionSegLib.slicer.worker import WorkerError  # noqa: E402
 
-PRESET = "stroke-dwi"
-
-
-@pytest.fixture(scope="module")
-def unet_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "unet-threshold.pt"
-    checkpoint.save(path, threshold_unet(), config=models.config("unet", base_width=4, depth=2), preset=PRESET,
-                    provenance={"note": "hand-set threshold weights for tests"})
-    return path
-
-
-@pytest.fixture()
-def scene():
-    s = bridge.new_scene()
-    yield s
-    s.Clear(1)
-
-
-@pytest.fixture()
-def logic(scene, tmp_path, monkeypatch):
-    monkeypatch.setenv("LESIONSEG_CACHE", str(tmp_path / "cache"))
-    return LesionSegLogic(scene=scene)
+from helpers import THRESHOLD_PRESET as PRESET  # noqa: E402
 
 
 def _volume(scene, tmp_path, size_xyz=(64, 48, 10), name="oblique"):
@@ -322,7 +300,7 @@ _GUI_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import SimpleITK as sitk
     import numpy as np
-    from LesionSegLib.slicer.worker import WorkerJob
+    from LesionSegLib.slicer.worker_job import WorkerJob
     job_dir, ckpt, how = sys.argv[1], sys.argv[2], sys.argv[3]
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(300, 96, 96)).astype(np.float32))
     job = WorkerJob("segment", {"input": "input.nrrd", "model": "unet", "checkpoint": ckpt, "preset": "stroke-dwi",
@@ -351,12 +329,12 @@ def test_worker_stops_when_the_application_quits_or_dies(unet_checkpoint, tmp_pa
 
 def test_stop_all_kills_running_workers(unet_checkpoint, tmp_path):
     image = sitk.GetImageFromArray(np.zeros((200, 96, 96), np.float32))
-    job = worker.WorkerJob("segment", {"input": "input.nrrd", "model": "unet", "checkpoint": str(unet_checkpoint),
+    job = worker_job.WorkerJob("segment", {"input": "input.nrrd", "model": "unet", "checkpoint": str(unet_checkpoint),
                                        "preset": PRESET, "device": "cpu", "tta": True})
     sitk.WriteImage(image, str(job.path("input.nrrd")))
     job.start()
     _wait_for(job, lambda j: j.worker_pid is not None)
-    assert worker.stop_all() == 1
+    assert worker_job.stop_all() == 1
     assert job.wait(30) and job.error and "SIGKILL" in job.error
     job.cleanup()
 

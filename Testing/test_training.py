@@ -218,7 +218,7 @@ def test_volumes_in_memory_with_25d_context_train_and_predict(tmp_path):
 def test_validation_dice_matches_the_metrics_module():
     import torch
     from LesionSegLib.metrics import dice_iou
-    from LesionSegLib.training.trainer import counts, dice_iou_from_counts
+    from LesionSegLib.training.validate import counts, dice_iou_from_counts
     rng = np.random.default_rng(0)
     pred = torch.from_numpy(rng.integers(0, 3, (4, 16, 16)))
     gt = torch.from_numpy(rng.integers(0, 3, (4, 16, 16)))
@@ -236,19 +236,19 @@ def test_pretrained_backbone_and_checkpoint_initialise_the_network(tmp_path):
     import torch
     from LesionSegLib import models
     from LesionSegLib.checkpoint import build_backbone
-    from LesionSegLib.training.trainer import _load_pretrained
+    from LesionSegLib.training.model_setup import load_pretrained
     vgg = build_backbone("vgg16")
     torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")          # an ImageNet-style backbone file
     lseg = models.create("lseg")
-    _load_pretrained(lseg, "lseg", tmp_path / "vgg16.pth")
+    load_pretrained(lseg, "lseg", tmp_path / "vgg16.pth")
     assert all(torch.equal(v, lseg.vgg.state_dict()[k]) for k, v in vgg.state_dict().items())
     src = models.create("unet", base_width=4, depth=3)
     checkpoint.save(tmp_path / "u.pt", src, config=models.config("unet", base_width=4, depth=3))
     dst = models.create("unet", base_width=4, depth=3)
-    _load_pretrained(dst, "unet", tmp_path / "u.pt")               # fine-tuning from a checkpoint
+    load_pretrained(dst, "unet", tmp_path / "u.pt")                # fine-tuning from a checkpoint
     assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
     with pytest.raises(TrainingError, match="no such file"):
-        _load_pretrained(dst, "unet", tmp_path / "missing.pt")
+        load_pretrained(dst, "unet", tmp_path / "missing.pt")
 
 
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-semiseg" / "multiclass-train").is_dir(),

@@ -37,14 +37,14 @@ def test_dyconv_annealing_trains_hot_but_validates_at_the_inference_temperature(
     """MS-LKSeg anneals its DyConv temperature 30 → 1 during training; validation (which
     picks best.pt) must see the network as inference and the checkpoint run it, at 1."""
     from LesionSegLib.models.mslkseg import MSLKSeg
-    from LesionSegLib.training import trainer
+    from LesionSegLib.training import loop, trainer
     from training_helpers import write_folder
 
     def temperatures(model):
         return {round(m.temperature, 3) for m in model.modules() if hasattr(m, "temperature")}
 
     seen = {"train": [], "val": []}
-    original_validate = trainer._validate
+    original_validate = loop.validate_epoch
     original_forward = MSLKSeg.forward
 
     def spy_validate(ddp_model, model, *args, **kw):
@@ -56,7 +56,7 @@ def test_dyconv_annealing_trains_hot_but_validates_at_the_inference_temperature(
             seen["train"].append(temperatures(self))
         return original_forward(self, x)
 
-    monkeypatch.setattr(trainer, "_validate", spy_validate)
+    monkeypatch.setattr(loop, "validate_epoch", spy_validate)
     monkeypatch.setattr(MSLKSeg, "forward", spy_forward)
     data = write_folder(tmp_path / "d", 4, 32, 3, prefix="case")
     trainer.train("mslkseg", data, tmp_path / "run", seed=0, recipe_overrides={

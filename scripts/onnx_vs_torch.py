@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from LesionSegLib import models, onnx_backend  # noqa: E402
+from LesionSegLib import models  # noqa: E402
+from LesionSegLib.inference import onnx as onnx_backend  # noqa: E402
 from LesionSegLib.models.fusion import fuse_for_inference  # noqa: E402
 
 

@@ -34,6 +34,33 @@ def _f(v, digits=3) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _baseline_cell(b) -> str:
+    if not b:
+        return "not trained (see below)"
+    s = b["heldout"]
+    aupr = f", mean AUPR {_f(s['mean_aupr'])}" if "mean_aupr" in s else ""
+    return (f"{models.card(b['model'])['display_name']}: Dice {_f(s['dice'])}, IoU {_f(s['iou'])}{aupr} "
+            f"({b['epochs_run']} of {b['epochs_planned']} epochs)")
+
+
+def _baseline_details(b, stem: str) -> list:
+    s = b["heldout"]
+    out = [f"**Baseline** ({models.card(b['model'])['display_name']}, same data and split): {b['budget']}; "
+           f"{b['hardware']}. Selected epoch {b['best_epoch']} of {b['epochs_run']} run "
+           f"({b['epochs_planned']} planned); validation Dice {_f(b.get('val_dice'))}. Held-out: Dice {_f(s['dice'])}, "
+           f"IoU {_f(s['iou'])}, HD95 {_f(s['hd95_px'], 1)} px"
+           + (f", mean AUPR {_f(s['mean_aupr'])}" if "mean_aupr" in s else "") + "."]
+    per_class = b.get("heldout_per_class") or {}
+    if len(per_class) > 1:
+        out += ["", "| baseline class | Dice | IoU | AUPR |", "|---|---:|---:|---:|"]
+        out += [f"| {c} | {_f(e['dice'])} | {_f(e['iou'])} | {_f(e.get('aupr'))} |" for c, e in per_class.items()]
+    out += [""] + [f"- {n}" for n in b.get("notes") or []]
+    out += ["", "```bash", b["command"], "```", ""]
+    if (ROOT / "docs" / "figures" / f"baseline-{stem}-curves.png").is_file():
+        out += [f"![learning curves of the baseline of {stem}](figures/baseline-{stem}-curves.png)", ""]
+    return out
+
+
 def section(folder: Path) -> str:
     manifest = weights.release_manifest(folder)
     lines = [BEGIN, "", "## Shipped weights (`weights/`, held-out test split)", "",
@@ -49,7 +76,7 @@ def section(folder: Path) -> str:
         s = f["metrics"]["heldout"]
         name = models.card(f["model"])["display_name"]
         lines.append(f"| {name} / `{f['preset']}` ([card](../weights/{f['card']})) | {s['images']} | {_f(s['dice'])} | "
-                     f"{_f(s['iou'])} | {_f(s['hd95_px'], 1)} | {_f(s.get('mean_aupr'))} | not trained (see below) | "
+                     f"{_f(s['iou'])} | {_f(s['hd95_px'], 1)} | {_f(s.get('mean_aupr'))} | {_baseline_cell(f.get('baseline'))} | "
                      f"{PAPER.get((f['model'], f['preset']), '–')} | {f['training']['budget']} |")
         path = folder / f["file"]
         if not path.is_file():
@@ -70,10 +97,14 @@ def section(folder: Path) -> str:
         stem = Path(f["file"]).stem
         if (ROOT / "docs" / "figures" / f"release-{stem}-curves.png").is_file():
             details += [f"![learning curves of {stem}](figures/release-{stem}-curves.png)", ""]
-    lines += ["", "**U-Net baselines** with the same data, split and budget were not trained for these releases: "
-              "the machine's two cores ran the two release runs for the whole budget. Each card's command with "
-              "`--model unet` (and without `--pretrained` for L-Seg's VGG-16 file) is the baseline run; "
-              "`scripts/release_weights.py` scores it the same way.", "",
+        if f.get("baseline"):
+            details += _baseline_details(f["baseline"], stem)
+    missing = [f for f in manifest["files"] if not f.get("baseline")]
+    lines += ["", "**U-Net baselines**: `scripts/train_unet_baselines.sh` trains the U-Net with each release's data, "
+              "split and budget (its own optimiser and schedule, no early stop); `scripts/evaluate_baseline.py` scores "
+              "it on the same held-out cases the same way and records it in the manifest. "
+              + ("Not trained for: " + ", ".join(f"`{Path(f['file']).stem}`" for f in missing)
+                 + " (no CPU time left for them)." if missing else ""), "",
               "**Not shipped yet** (no CPU time left for them; same commands, other data): M2SNet `breast-us` "
               "(BUSI, `--data ../shared/data/breast-busi`), BSNet `covid-ct` (COVID-SemiSeg, 50 labelled slices), "
               "MS-LKSeg `binary-lesion`. MSE-Net ships only as the demo (`demo/model/`, one ISLES case, "

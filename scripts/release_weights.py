@@ -21,11 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from LesionSegLib import models  # noqa: E402
 from LesionSegLib.checkpoint import load  # noqa: E402
-from LesionSegLib.data.dataset import target_spec  # noqa: E402
-from LesionSegLib.inference import Predictor  # noqa: E402
 from LesionSegLib.inference.runtime import cpu_features, cpu_name  # noqa: E402
-from LesionSegLib.training.release import evaluate_heldout, heldout_pairs, write_release  # noqa: E402
-from LesionSegLib.training.trainer import folder_items  # noqa: E402
+from LesionSegLib.training.release import evaluate_run, write_release  # noqa: E402
 
 
 def _fmt(v, digits=3) -> str:
@@ -105,23 +102,12 @@ def main() -> int:
                     help="held-out images on which bf16 is compared with fp32 (CPUs with native bf16; 0: skip)")
     args = ap.parse_args()
 
-    data = json.loads((args.run / "data.json").read_text())
-    recipe = json.loads((args.run / "recipe.json").read_text())
     best = args.run / "best.pt"
     provenance = load(best).provenance
-    # the numbers of the card are those of the file users get: its weights rounded to fp16
-    # (the release format) and computed in fp32, the reference of every lower precision
-    shipped = load(best)
-    shipped.model.half().float()
-    predictor = Predictor(shipped, device="cpu", precision="fp32")
-    spec = target_spec(predictor.name, models.preset(predictor.name, predictor.preset))
-    roots = data["root"] if isinstance(data["root"], list) else [data["root"]]
-    items = folder_items([Path(r) for r in roots], spec, recipe, {})
+    run = evaluate_run(args.run, args.limit, progress=lambda i, n: print(f"  {i}/{n}", file=sys.stderr)
+                       if i % 10 == 0 or i == n else None)
+    heldout, shipped, pairs, data, roots = run.heldout, run.checkpoint, run.pairs, run.data, run.roots
     split = data["split"]["source"]
-    pairs = heldout_pairs(items, split)[: args.limit]
-    print(f"evaluating {len(pairs)} held-out images …", file=sys.stderr)
-    heldout = evaluate_heldout(predictor, pairs, progress=lambda i, n: print(f"  {i}/{n}", file=sys.stderr)
-                               if i % 10 == 0 or i == n else None)
     feats = cpu_features()
     agreement = None
     if feats["native_bf16"] and args.agreement_images:

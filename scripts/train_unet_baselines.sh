@@ -4,11 +4,12 @@
 # with U-Net's own recipe (Adam 1e-3, plateau) and no early stop, so that both see the
 # same number of images. One CPU thread each; the two can run side by side.
 #
-#   scripts/train_unet_baselines.sh polyp|fundus [OUT]
+#   scripts/train_unet_baselines.sh polyp|fundus [OUT] [--resume ...more train options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TASK=${1:?polyp or fundus}
 OUT=${2:-runs}
+shift $(( $# < 2 ? $# : 2 ))
 PY=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -19,7 +20,7 @@ case "$TASK" in
       --data "$DATA/polyp-clinicdb" "$DATA/polyp-kvasir256" --split weights/splits/polyp.json \
       --out "$OUT/unet-polyp" --epochs 42 --batch-size 16 \
       --set 'size=[224,224]' --set multiscale=null --set epoch_length=320 \
-      --set early_stopping=null --set time_limit_s=6600 --set checkpoint_every_steps=20 ;;
+      --set early_stopping=null --set time_limit_s=6600 --set checkpoint_every_steps=20 "$@" ;;
   fundus)
     # L-Seg's run: tiles, optimizer, schedule, augmentation and loss (the card's
     # multi-label outputs select the multi-channel bin loss)
@@ -31,6 +32,6 @@ case "$TASK" in
       --set 'schedule={"name":"step","step_epochs":[30],"gamma":0.1}' \
       --set 'augment={"hflip":0.5,"vflip":0.5,"rotate":10.0,"scale":null}' \
       --set early_stopping=null --set time_limit_s=6600 --set checkpoint_every_steps=20 \
-      --set 'case_regex="^(.*)$"' ;;
+      --set 'case_regex="^(.*)$"' "$@" ;;
   *) echo "unknown task '$TASK' (polyp or fundus)" >&2; exit 2 ;;
 esac

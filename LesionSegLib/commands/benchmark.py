@@ -30,9 +30,10 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
+
+from ..benchmarking import PeakMemory, load_average, reference_loop, synthetic_volume, timed
 
 
 def register(subparsers) -> None:
@@ -59,179 +60,6 @@ def register(subparsers) -> None:
     p.add_argument("--linearity", action="store_true", help="also time 2× the slices (cost and memory scaling)")
     p.add_argument("--json", help="write all measurements to this JSON file")
     p.set_defaults(func=run_benchmark)
-
-
-# ---------------------------------------------------------------------- measuring
-class PeakMemory:
-    """Peak memory of this process above its level at ``__enter__``: on Linux the
-    kernel's high-water mark of resident memory (VmHWM, reset through
-    /proc/self/clear_refs, so nothing runs beside the measured code), elsewhere RSS
-    sampled every 10 ms by a thread; on a GPU CUDA's peak allocation."""
-
-    def __init__(self, device) -> None:
-        self.device = device
-        self.peak_bytes: Optional[int] = None
-        self._thread = None
-
-    @staticmethod
-    def _status(field: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
-        return None
-
-    @staticmethod
-    def _reset_high_water_mark() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    def __enter__(self):
-        import torch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        self._base = self._status("VmRSS")
-        self._hwm = self._base is not None and self._reset_high_water_mark()
-        if self._base is not None and not self._hwm:
-            self._max = self._base
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            v = self._status("VmRSS")
-            if v is not None and v > self._max:
-                self._max = v
-
-    def __exit__(self, *exc) -> None:
-        import torch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-            return
-        if self._base is None:
-            return
-        if self._hwm:
-            peak = self._status("VmHWM")
-            self.peak_bytes = None if peak is None else max(0, peak - self._base)
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = max(self._max, self._status("VmRSS") or 0) - self._base
-
-
-def _load_average() -> Optional[float]:
-    """1-minute load average: other work on the machine slows the reference loop (many
-    small, synchronised operations) more than batched inference, so it goes with every row."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def _timed(fn, device, cpu_times: Optional[List[float]] = None):
-    """Wall time of ``fn()`` (and, into ``cpu_times``, the CPU time this process spent:
-    on a machine shared with other work it varies less than the wall time)."""
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    c0, t0 = time.process_time(), time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if cpu_times is not None:
-        cpu_times.append(time.process_time() - c0)
-    return time.perf_counter() - t0, result
-
-
-# ---------------------------------------------------------------------- inputs
-def synthetic_volume(card: Dict[str, Any], slices: int, side: int, seed: int = 0):
-    """A volume the network can take: RGB uint8 images (colour networks without
-    grey_to_rgb) or CT-like int16 slices (air, body, lungs, a few bright spots), with a
-    RAS direction like a NIfTI file, so orientation handling is part of the timing."""
-    import numpy as np
-    import SimpleITK as sitk
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side - 0.5
-    body = (yy / 0.42) ** 2 + (xx / 0.48) ** 2 < 1
-    lungs = ((yy / 0.3) ** 2 + ((np.abs(xx) - 0.2) / 0.16) ** 2) < 1
-    spec = card["input"]
-    colour = int(spec["channels"]) == 3 and spec.get("grey_to_rgb") != "replicate"
-    if colour:
-        disc = (yy ** 2 + xx ** 2 < 0.2).astype(np.float32)
-        base = np.stack([disc * 180, disc * 80, disc * 30], -1)
-        vol = np.empty((slices, side, side, 3), np.uint8)
-        for z in range(slices):
-            vol[z] = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-        img = sitk.GetImageFromArray(vol, isVector=True)
-    else:
-        vol = np.empty((slices, side, side), np.int16)
-        for z in range(slices):
-            s = np.where(body, 40.0, -1000.0)
-            s[lungs] = -850.0
-            s += rng.normal(0, 25, s.shape)
-            vol[z] = s.astype(np.int16)
-        img = sitk.GetImageFromArray(vol)
-    img.SetSpacing((0.7, 0.7, 1.5))
-    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
-    return img
-
-
-# ---------------------------------------------------------------------- the reference
-def reference_loop(model, name: str, card: Dict[str, Any], image, size, threshold: float = 0.5):
-    """Segment ``image`` the way the official predict scripts do: one slice at a time,
-    batch 1, fp32, the network as built, the slice prepared with numpy and resized with
-    PIL on the CPU, the logits resized back with ``F.interpolate`` and thresholded."""
-    import numpy as np
-    import SimpleITK as sitk
-    import torch
-    import torch.nn.functional as F
-    from .. import models
-    from ..preprocessing import arrange_channels, plan_intensity
-    spec = card["input"]
-    arr = sitk.GetArrayViewFromImage(image)
-    transform = plan_intensity(arr, spec)  # the official data were prepared per volume, offline
-    h, w = size
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is present wherever torchvision is
-        Image = None
-    out = np.zeros(arr.shape[:3], np.uint8)
-    colour = arr.ndim == 4
-    softmax = card["outputs"].get("activation") == "softmax"
-    with torch.no_grad():
-        for z in range(arr.shape[0]):
-            sl = arr[z].astype(np.float32)
-            if transform.lo is not None or transform.hi is not None:
-                sl = np.clip(sl, transform.lo, transform.hi)
-            planes = [sl[..., c] for c in range(sl.shape[-1])] if colour else [sl]
-            if Image is not None:
-                resized = np.stack([np.asarray(Image.fromarray(p, mode="F").resize((w, h), Image.BILINEAR))
-                                    for p in planes])
-            else:
-                resized = F.interpolate(torch.from_numpy(np.stack(planes))[None], size=(h, w), mode="bilinear",
-                                        align_corners=False, antialias=True)[0].numpy()
-            x = arrange_channels(resized if colour else resized[0], spec, channel_axis=0, color=colour)
-            x = torch.from_numpy(np.ascontiguousarray(transform.apply(np.ascontiguousarray(x), channel_axis=0)))[None]
-            logits = models.inference_output(name, model(x))
-            logits = F.interpolate(logits, size=arr.shape[1:3], mode="bilinear", align_corners=False)
-            if softmax:
-                out[z] = torch.softmax(logits, 1)[0].argmax(0).numpy().astype(np.uint8)
-            else:
-                out[z] = (torch.sigmoid(logits)[0].max(0).values > threshold).numpy().astype(np.uint8)
-    return out
 
 
 # ---------------------------------------------------------------------- the run
@@ -309,7 +137,7 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
     def run(key, img=None):
         return configs[key](image if img is None else img)
 
-    load_start = _load_average()
+    load_start = load_average()
     t_warm = {}
     log(f"{name} on {predictor.device}: input {net_size[0]}×{net_size[1]}, {args.slices} slices of "
         f"{args.slice_size}², warming up (load average {load_start})")
@@ -324,7 +152,7 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
     for r in range(args.repeats):
         for key in configs:
             with PeakMemory(device) as mem:
-                t, res = _timed(lambda: run(key), device, cpu[key])
+                t, res = timed(lambda: run(key), device, cpu[key])
             times[key].append(t)
             if mem.peak_bytes is not None:
                 peaks[key] = max(peaks.get(key, 0), mem.peak_bytes)
@@ -334,10 +162,10 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
                                                              for k, v in times.items()))
     # single-slice latency, end to end
     predictor.batch_size = "auto"
-    lat = [_timed(lambda: predictor.predict_volume(small), device)[0] for _ in range(max(1, args.repeats))]
+    lat = [timed(lambda: predictor.predict_volume(small), device)[0] for _ in range(max(1, args.repeats))]
     ref_lat = None
     if "reference" in configs:
-        ref_lat = statistics.median(_timed(lambda: reference_loop(reference_net, name, card, small, net_size),
+        ref_lat = statistics.median(timed(lambda: reference_loop(reference_net, name, card, small, net_size),
                                            device)[0] for _ in range(max(1, args.repeats)))
     row: Dict[str, Any] = {"model": name, "device": predictor.device, "precision": predictor.precision,
                            "network_input": list(net_size), "slice_size": args.slice_size, "slices": args.slices,
@@ -348,7 +176,7 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
                            "auto_batch": used_batch.get("auto"),
                            "latency_ms_one_slice": 1000 * statistics.median(lat),
                            "reference_latency_ms_one_slice": None if ref_lat is None else 1000 * ref_lat,
-                           "load_average": [load_start, _load_average()], "threads": torch.get_num_threads(),
+                           "load_average": [load_start, load_average()], "threads": torch.get_num_threads(),
                            "warmup_seconds": t_warm}
     for k, v in times.items():
         b = used_batch.get(k, 1)
@@ -368,7 +196,7 @@ def bench_model(name: str, device_name: str, args, size: Optional[List[int]], lo
         peak2 = 0
         for _ in range(args.repeats):
             with PeakMemory(device) as mem:
-                t2.append(_timed(lambda: predictor.predict_volume(big), device)[0])
+                t2.append(timed(lambda: predictor.predict_volume(big), device)[0])
             peak2 = max(peak2, mem.peak_bytes or 0)
         row["linearity"] = {"slices": 2 * args.slices, "seconds": statistics.median(t2),
                             "time_ratio": statistics.median(t2) / row["seconds"]["auto"],

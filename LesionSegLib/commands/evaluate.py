@@ -30,7 +30,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from ..data.images import png_palette
 from ..fileio import IMAGE_EXTENSIONS, READABLE_EXTENSIONS, atomic_path, split_extension

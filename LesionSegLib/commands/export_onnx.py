@@ -37,16 +37,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import onnx_backend
+    from ..inference import onnx
     if not args.model and not args.checkpoint:
         print("lesionseg export-onnx: error: give --model and/or --checkpoint", file=sys.stderr)
         return 2
     try:
-        info = onnx_backend.export(args.model or args.checkpoint, args.output, size=args.size,
+        info = onnx.export(args.model or args.checkpoint, args.output, size=args.size,
                                    preset=args.preset, checkpoint=args.checkpoint if args.model else None,
                                    batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset,
                                    exporter=args.exporter, overwrite=args.overwrite)
-    except onnx_backend.OnnxError as e:
+    except onnx.OnnxError as e:
         print(f"lesionseg export-onnx: error: {e}", file=sys.stderr)
         return 1
     h, w = info["input_size"].split(",")

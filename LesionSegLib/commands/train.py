@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.data or not args.out:
             print("lesionseg train: error: --data and --out are required", file=sys.stderr)
             return 2
-        from ..inference import Cancelled
+        from ..jobs import Cancelled
         from ..training import train
         token = _SignalToken()
         previous = None

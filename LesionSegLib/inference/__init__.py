@@ -6,12 +6,12 @@
 >>> pred.labels, pred.lesions                              # doctest: +SKIP
 
 The package does not import torch until :class:`Predictor` is first used, so that
-Slicer and the command line can import it at start-up; :mod:`.cancel`,
+Slicer and the command line can import it at start-up; :mod:`LesionSegLib.jobs`,
 :mod:`.geometry`, :mod:`.tiling` and :mod:`.postprocess` need only numpy/SimpleITK.
 """
 from __future__ import annotations
 
-from .cancel import CancelToken, Cancelled, Progress
+from ..jobs import CancelToken, Cancelled, Progress
 from .postprocess import lesion_table, remove_small_lesions
 
 __all__ = ["Predictor", "Prediction", "CancelToken", "Cancelled", "Progress", "lesion_table",

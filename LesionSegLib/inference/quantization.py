@@ -2,7 +2,7 @@
 
 **int8** is post-training static quantization by onnxruntime
 (``onnxruntime.quantization.quantize_static``): the fused fp32 graph of
-:mod:`LesionSegLib.onnx_backend` gets QuantizeLinear/DequantizeLinear pairs (QDQ format,
+:mod:`LesionSegLib.inference.onnx` gets QuantizeLinear/DequantizeLinear pairs (QDQ format,
 int8 weights per output channel, int8 activations with ranges calibrated min–max on real
 training images) and onnxruntime runs the convolutions with its integer kernels (MLAS:
 AVX2, AVX512-VNNI, AMX-int8 as the CPU has them). docs/performance.md says why this engine
@@ -264,10 +264,10 @@ class Int8Runner:
     def __init__(self, module, name: str, card: Dict[str, Any], *, calibration=None,
                  prepare: Optional[Callable[[List[Any], Tuple[int, int, int]], np.ndarray]] = None,
                  cache=None, num_threads: Optional[int] = None) -> None:
-        from .. import onnx_backend
-        self._ob = onnx_backend
+        from . import onnx as graph_export  # (not the onnx library)
+        self._ob = graph_export
         self.module, self.name, self.card = module, name, card
-        self.weights_sha256 = onnx_backend.weights_digest(module)
+        self.weights_sha256 = graph_export.weights_digest(module)
         self.items = calibration_items(calibration) if calibration is not None else None
         self.calibration_sha256 = items_digest(self.items) if self.items is not None else None
         self.prepare = prepare
@@ -357,7 +357,7 @@ class Int8Runner:
                   "agreement": agreement, "engine": f"onnxruntime {onnxruntime.__version__}",
                   "lesionseg_version": __version__, "seconds": round(t_quant, 2),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        data = self._ob._with_metadata(data, {
+        data = self._ob.with_metadata(data, {
             self._ob.METADATA_PREFIX + "model": self.name,
             self._ob.METADATA_PREFIX + "card": json.dumps(self.card, ensure_ascii=False, default=str),
             self._ob.METADATA_PREFIX + "input_size": f"{h},{w}",
@@ -423,7 +423,8 @@ def agreement(source, items: Iterable[Any], precisions: Sequence[str] = ("bf16",
         rep = compare_masks(ref_masks, masks)
         rep["seconds"] = time.perf_counter() - t0
         rep["agrees"] = agrees(rep)
-        if p == "int8" and getattr(other, "_runner", None) is not None:
-            rep["held_out"] = {"x".join(map(str, k)): v.get("agreement") for k, v in other._runner.records.items()}
+        if p == "int8":
+            records = other.runner.session.records
+            rep["held_out"] = {"x".join(map(str, k)): v.get("agreement") for k, v in records.items()}
         out[p] = rep
     return out

@@ -1,11 +1,12 @@
 """The Slicer-facing part of LesionSegLib, in one package:
 
 * :mod:`.logic` — ``LesionSegLogic``, what the module panel, the Segment Editor effects
-  and the Python console call (Qt-free);
+  and the Python console call (Qt-free), with its parts :mod:`.logic_weights`,
+  :mod:`.logic_jobs` (worker jobs), :mod:`.logic_batch` (files) and :mod:`.logic_training`;
 * :mod:`.bridge` — MRML nodes ⇄ numpy / SimpleITK, segments, terminology, editor writes;
 * :mod:`.segnrrd` — Slicer ``.seg.nrrd`` files without Slicer;
 * :mod:`.worker` — the worker process that runs networks, batches and training outside
-  Slicer's process, and the job object the GUI polls.
+  Slicer's process; :mod:`.worker_job` — the job object the GUI polls.
 
 Nothing here imports ``slicer``, torch or Qt at import time: Slicer loads it at startup.
 """

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..fileio import split_extension
+from ..fileio import stem
 
 #: terminology context names Slicer uses for DICOM codes (category/type, anatomic region)
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
@@ -505,7 +505,7 @@ def load_volume(scene, path, name: Optional[str] = None, labelmap: bool = False)
     if not path.is_file():
         raise BridgeError(f"no such file: {path}")
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
-                                   name or _stem(path))
+                                   name or stem(path))
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     scene.AddNode(storage)
     storage.SetFileName(str(path))
@@ -522,7 +522,7 @@ def load_volume(scene, path, name: Optional[str] = None, labelmap: bool = False)
         raise BridgeError(f"{path}: Slicer could not read this image file") from None
     if image.GetDimension() not in (2, 3):
         raise BridgeError(f"{path}: a {image.GetDimension()}D image; volumes are 2D or 3D")
-    return sitk_to_volume(image, scene, name or _stem(path),
+    return sitk_to_volume(image, scene, name or stem(path),
                           "vtkMRMLLabelMapVolumeNode" if labelmap else None)
 
 
@@ -533,7 +533,7 @@ def load_segmentation(scene, path, name: Optional[str] = None):
     path = Path(path)
     if not path.is_file():
         raise BridgeError(f"no such file: {path}")
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or _stem(path))
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or stem(path))
     storage = slicer.vtkMRMLSegmentationStorageNode()
     scene.AddNode(storage)
     storage.SetFileName(str(path))
@@ -563,10 +563,6 @@ def save_segmentation(segmentation_node, path) -> Path:
         if not storage.WriteData(segmentation_node):
             raise BridgeError(f"{path}: Slicer could not write the segmentation")
     return path
-
-
-def _stem(path: Path) -> str:
-    return split_extension(path)[0]
 
 
 def class_segments(segmentation_node, classes: Iterable[Mapping[str, Any]], model: Optional[str] = None,

@@ -6,8 +6,10 @@
 ...                recipe_overrides={"epochs": 5})                          # doctest: +SKIP
 >>> result.best_checkpoint                                              # doctest: +SKIP
 
-Modules: :mod:`.recipes` (``recipes/*.json``), :mod:`.trainer` (:func:`train`),
-:mod:`.schedule`, :mod:`.distributed`, :mod:`.plot`. Importing this package does not
+Modules: :mod:`.recipes` (``recipes/*.json``), :mod:`.trainer` (:func:`train`), the
+:class:`~.loop.Trainer` it runs (:mod:`.loop`) and what that uses: :mod:`.data_prep`,
+:mod:`.model_setup`, :mod:`.optim`, :mod:`.schedule`, :mod:`.validate`, :mod:`.state`,
+:mod:`.output`, :mod:`.distributed`, :mod:`.plot`. Importing this package does not
 import torch; :func:`train` does, when called.
 """
 from __future__ import annotations

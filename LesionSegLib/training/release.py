@@ -108,6 +108,59 @@ def evaluate_heldout(predictor, pairs: Sequence[ImagePair], progress=None, on_im
     return HeldOut(rows, per_class, summary)
 
 
+@dataclass
+class RunEvaluation:
+    """A training run's ``best.pt`` scored on its held-out test cases (:func:`evaluate_run`)."""
+    heldout: HeldOut
+    checkpoint: Any                  # the Checkpoint, weights rounded to fp16 as shipped
+    pairs: List[ImagePair]
+    data: Dict[str, Any]             # the run's data.json
+    roots: List[Path]
+
+
+def evaluate_run(run_dir, limit: Optional[int] = None, progress=None) -> RunEvaluation:
+    """Score ``run_dir/best.pt`` on the test cases of the run's own split: the data
+    folders, case rule and split file come from the run (``data.json``, ``recipe.json``),
+    so the test cases are exactly those it held out. The numbers are those of the file
+    users get: the weights rounded to fp16 (the release format), computed in fp32 (the
+    reference of every lower precision)."""
+    from ..checkpoint import load
+    from ..data.dataset import target_spec
+    from ..inference import Predictor
+    from .data_prep import folder_items
+    run_dir = Path(run_dir)
+    data = json.loads((run_dir / "data.json").read_text(encoding="utf-8"))
+    recipe = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))
+    shipped = load(run_dir / "best.pt")
+    shipped.model.half().float()
+    predictor = Predictor(shipped, device="cpu", precision="fp32")
+    from .. import models
+    spec = target_spec(predictor.name, models.preset(predictor.name, predictor.preset))
+    roots = [Path(r) for r in (data["root"] if isinstance(data["root"], list) else [data["root"]])]
+    items = folder_items(roots, spec, recipe, {})
+    pairs = heldout_pairs(items, data["split"]["source"])[:limit]
+    return RunEvaluation(evaluate_heldout(predictor, pairs, progress=progress), shipped, pairs, data, roots)
+
+
+def add_baseline(out_dir, release_file: str, baseline: Dict[str, Any]) -> Dict[str, Any]:
+    """Record a baseline run (e.g. the U-Net with the same data, split and budget) beside
+    the release ``release_file`` in ``<out_dir>/manifest.json``; returns the entry."""
+    from ..weights import MANIFEST_NAME, release_manifest
+    manifest = release_manifest(out_dir)
+    entry = next((f for f in manifest["files"] if f["file"] == release_file), None)
+    if entry is None:
+        raise ValueError(f"{release_file}: not in {Path(out_dir) / MANIFEST_NAME}")
+    entry["baseline"] = baseline
+    _write_manifest(out_dir, manifest)
+    return entry
+
+
+def _write_manifest(out_dir, manifest: Dict[str, Any]) -> None:
+    from ..weights import MANIFEST_NAME
+    with atomic_path(Path(out_dir) / MANIFEST_NAME) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
 # ------------------------------------------------------------------------- release files
 def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info: Dict[str, Any],
                   precision_agreement: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -118,7 +171,7 @@ def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info
     (:func:`..inference.quantization.agreement`); the Predictor's ``auto`` reads it
     (:func:`..inference.runtime.keep_masks`)."""
     from .. import checkpoint as ckpt
-    from ..weights import MANIFEST_FORMAT, MANIFEST_NAME, release_manifest, sha256_file
+    from ..weights import MANIFEST_FORMAT, release_manifest, sha256_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ck = ckpt.load(checkpoint_path)
@@ -136,9 +189,11 @@ def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info
     if precision_agreement:
         entry["precision_agreement"] = precision_agreement
     manifest = release_manifest(out_dir)
+    old = next((f for f in manifest["files"] if f["file"] == entry["file"]), {})
+    if "baseline" in old:  # a separate run: still the comparison for new weights of the same task
+        entry["baseline"] = old["baseline"]
     manifest = {"format": MANIFEST_FORMAT, "version": 1,
                 "files": [f for f in manifest["files"] if f["file"] != entry["file"]] + [entry]}
     manifest["files"].sort(key=lambda f: f["file"])
-    with atomic_path(out_dir / MANIFEST_NAME) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    _write_manifest(out_dir, manifest)
     return entry

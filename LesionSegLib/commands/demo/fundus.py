@@ -65,9 +65,9 @@ def run_fundus(folder: Optional[Path], case: str, out: Path, device: str) -> Opt
     from ...data.folders import class_mask_pairs
     from ...inference import Predictor
     from ...inference.io import write_text
+    from ...training.data_prep import class_suffixes
     from ...training.plot import write_png
     from ...training.release import evaluate_heldout, heldout_pairs
-    from ...training.trainer import class_suffixes
 
     print("\n--- Fundus photograph: L-Seg, four diabetic-retinopathy lesion classes ---")
     entry = weights.find_released("lseg", "fundus-dr")

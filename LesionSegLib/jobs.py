@@ -1,9 +1,11 @@
-"""Cancellation and progress reporting for long inference runs.
+"""Progress and cancellation of long jobs (inference, batches, training, downloads).
 
 A :class:`CancelToken` is shared between the caller (a Slicer button, a CLI signal
 handler) and the worker, which checks it between batches. A cancelled run raises
 :class:`Cancelled` and returns nothing: partial label maps are never handed out, so a
-user cannot mistake half a volume for a finished result.
+user cannot mistake half a volume for a finished result. :class:`Progress` turns a
+caller's ``progress(fraction, message)`` callback into monotone reports on stages.
+Needs nothing but the standard library (Slicer imports it at start-up).
 """
 from __future__ import annotations
 
@@ -40,23 +42,25 @@ class Progress:
     called with fractions in [0, 1] that never decrease, and checks the cancel token at
     each report (reports happen between batches, which is where a run may stop).
 
-    ``span(start, end)`` gives a child reporter whose 0…1 maps onto start…end of this
-    one, so that stages (inference, post-processing) can report on their own scale.
+    ``span(start, end, prefix)`` gives a child reporter whose 0…1 maps onto start…end of
+    this one (its messages prefixed with ``prefix``), so that stages (inference,
+    post-processing, the files of a batch) can report on their own scale.
     """
 
     def __init__(self, callback: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                 start: float = 0.0, end: float = 1.0, _root: "Progress" = None) -> None:
+                 start: float = 0.0, end: float = 1.0, _root: "Progress" = None, prefix: str = "") -> None:
         self.callback = callback
         self.cancel = cancel
+        self.prefix = prefix
         self.start, self.end = float(start), float(end)
         self._root = _root or self
         if _root is None:
             self._last = -1.0
 
-    def span(self, start: float, end: float) -> "Progress":
+    def span(self, start: float, end: float, prefix: str = "") -> "Progress":
         a = self.start + (self.end - self.start) * start
         b = self.start + (self.end - self.start) * end
-        return Progress(self.callback, self.cancel, a, b, _root=self._root)
+        return Progress(self.callback, self.cancel, a, b, _root=self._root, prefix=self.prefix + prefix)
 
     def check(self) -> None:
         if self.cancel is not None:
@@ -69,11 +73,16 @@ class Progress:
         value = max(value, root._last)  # monotone even if a stage reports out of order
         root._last = value
         if self.callback is not None:
-            self.callback(value, message)
+            self.callback(value, self.prefix + message)
 
     def done(self, message: str = "done") -> None:
         """The final report: exactly 1.0 (called once the result is complete)."""
         root = self._root
         root._last = 1.0
         if self.callback is not None:
-            self.callback(1.0, message)
+            self.callback(1.0, self.prefix + message)
+
+
+def is_cancelled(error: BaseException) -> bool:
+    """True for the exception a cancelled job raises."""
+    return isinstance(error, Cancelled)

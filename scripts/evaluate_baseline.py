@@ -1,0 +1,66 @@
+"""Score a baseline run (the U-Net with the same data, split and budget as a release) on
+the release's held-out test cases, the way the release was scored, and record it beside
+the release in ``weights/manifest.json`` (``scripts/release_table.py`` shows it).
+
+    python scripts/evaluate_baseline.py RUN_DIR --against lseg-fundus-dr.pt \
+        --budget "…" --command "…" [--out weights]
+
+No weights are written: the baseline is evidence about the release, not a release.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from LesionSegLib.checkpoint import read_metadata  # noqa: E402
+from LesionSegLib.inference.runtime import cpu_features, cpu_name  # noqa: E402
+from LesionSegLib.training.release import add_baseline, evaluate_run  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--against", required=True, help="the release file in the manifest, e.g. lseg-fundus-dr.pt")
+    ap.add_argument("--out", type=Path, default=ROOT / "weights")
+    ap.add_argument("--budget", required=True, help="what the baseline was trained with (text)")
+    ap.add_argument("--command", required=True, help="the command that reproduces the run")
+    ap.add_argument("--note", action="append", default=[])
+    ap.add_argument("--limit", type=int, help="evaluate only the first N held-out images (quick checks)")
+    args = ap.parse_args()
+
+    run = evaluate_run(args.run, args.limit, progress=lambda i, n: print(f"  {i}/{n}", file=sys.stderr)
+                       if i % 10 == 0 or i == n else None)
+    _, _, prov = read_metadata(args.run / "best.pt")
+    training = prov.get("training", {})
+    with open(args.run / "log.csv", newline="", encoding="utf-8") as f:
+        history = list(csv.DictReader(f))
+    recipe = json.loads((args.run / "recipe.json").read_text(encoding="utf-8"))
+    feats = cpu_features()
+    baseline = {
+        "model": run.checkpoint.name, "preset": run.checkpoint.card["preset"]["name"],
+        "heldout": run.heldout.summary, "heldout_per_class": run.heldout.per_class,
+        "epochs_run": len(history), "epochs_planned": int(recipe["epochs"]),
+        "best_epoch": int(training.get("best_epoch", -1)) + 1,
+        "val_dice": (prov.get("metrics") or {}).get("val_dice"),
+        "budget": args.budget, "command": args.command, "notes": args.note,
+        "hardware": f"{cpu_name()} ({', '.join(k for k, v in feats.items() if v and k != 'native_bf16')}), "
+                    f"{int(training.get('torch_threads', 1))} torch thread(s), "
+                    f"{'fp32' if not training.get('amp') else training['amp']}",
+    }
+    add_baseline(args.out, args.against, baseline)
+    curves = args.run / "curves.png"
+    if curves.is_file():
+        shutil.copyfile(curves, ROOT / "docs" / "figures" / f"baseline-{Path(args.against).stem}-curves.png")
+    print(json.dumps(run.heldout.summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
