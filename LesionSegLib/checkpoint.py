@@ -194,7 +194,7 @@ def load(path, model: Optional[str] = None, preset: Optional[str] = None) -> Che
             raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this "
                                   f"LesionSeg supports ({FORMAT_VERSION}); update LesionSeg")
         name = obj["model"]
-        if model and models._resolve(model) != models._resolve(name):
+        if model and models.registry_name(model) != models.registry_name(name):
             raise CheckpointError(f"{path}: holds a {name!r} network, not {model!r}")
         try:
             net = models.create(name, **obj.get("config", {}))
@@ -202,11 +202,11 @@ def load(path, model: Optional[str] = None, preset: Optional[str] = None) -> Che
             raise CheckpointError(f"{path}: cannot build network {name!r}: {e}") from e
         load_state_dict_strict(net, obj["state_dict"], f"{path} ({name})")
         net.eval()
-        return Checkpoint(net, models._resolve(name), "lesionseg", obj.get("card", {}), obj.get("config", {}),
+        return Checkpoint(net, models.registry_name(name), "lesionseg", obj.get("card", {}), obj.get("config", {}),
                           obj.get("provenance", {}), str(path))
 
     sd = _unwrap_state_dict(obj)
-    name = models._resolve(model) if model else identify(sd)
+    name = models.registry_name(model) if model else identify(sd)
     if name is None:
         raise CheckpointError(
             f"{path}: not a LesionSeg checkpoint and not a known official file "

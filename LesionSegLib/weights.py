@@ -247,7 +247,7 @@ def get(entry_id: str) -> InstalledWeights:
 
 def _resolve_model(name: str) -> str:
     from . import models
-    return models._resolve(name)
+    return models.registry_name(name)
 
 
 # ----------------------------------------------------------------------------- checking

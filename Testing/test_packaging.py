@@ -257,7 +257,7 @@ def test_effect_classes_end_in_effect_are_unique_and_match_their_files():
         assert any(isinstance(n, ast.FunctionDef) and n.name == "clone" for n in cls.body), f"{name} needs clone()"
     names = [e[2] for e in EFFECTS]
     assert len(set(names)) == 5 and all(n.startswith("LesionSeg ") for n in names)
-    assert sorted(models._resolve(e[0]) for e in EFFECTS) == sorted(["msenet", "m2snet", "lseg", "bsnet", "mslkseg"])
+    assert sorted(models.registry_name(e[0]) for e in EFFECTS) == sorted(["msenet", "m2snet", "lseg", "bsnet", "mslkseg"])
 
 
 def test_module_file_follows_scripted_module_conventions():

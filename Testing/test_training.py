@@ -177,7 +177,7 @@ def test_unusable_data_fails_before_any_file_is_written(tmp_path):
 
 def test_curve_png_without_matplotlib(tmp_path, monkeypatch):
     from LesionSegLib.training.plot import plot_curves
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: the numpy/zlib writer is used
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: the numpy raster is drawn
     hist = [{"epoch": i, "train_loss": 1 / (i + 1), "val_loss": 1.2 / (i + 1), "val_dice": i / 5, "val_iou": i / 6}
             for i in range(5)]
     path = plot_curves(hist, tmp_path / "c.png")

@@ -259,7 +259,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return 2
     if thread_counts[0]:
         torch.set_num_threads(thread_counts[0])
-    names = models.list_models() if args.models == "all" else [models._resolve(n) for n in args.models.split(",")]
+    names = models.list_models() if args.models == "all" else [models.registry_name(n) for n in args.models.split(",")]
     sizes = _parse_sizes(args.size, names)
     devices = []
     for d in (s.strip() for s in args.devices.split(",") if s.strip()):

@@ -57,7 +57,7 @@ def load_network(source, preset: Optional[str] = None) -> LoadedNetwork:
             ck = load(path)
         elif isinstance(source, str) and os.sep not in source and "/" not in source \
                 and not source.lower().endswith(WEIGHT_SUFFIXES):
-            name = models._resolve(source)
+            name = models.registry_name(source)
             p_cfg = models.preset(name, preset).get("config", {}) if preset else {}
             net = models.create(name, preset=preset)
             log.warning("%s: no weights given, the network has random weights (pipeline tests only)", name)

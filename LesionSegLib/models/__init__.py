@@ -21,7 +21,7 @@ from typing import Any, Dict, List
 
 CARDS_DIR = Path(__file__).with_name("cards")
 
-__all__ = ["list_models", "card", "create", "config", "preset", "output_names",
+__all__ = ["list_models", "registry_name", "card", "create", "config", "preset", "output_names",
            "inference_output", "UnknownModelError", "UnknownPresetError"]
 
 
@@ -46,7 +46,9 @@ def _load_cards() -> Dict[str, Dict[str, Any]]:
     return cards
 
 
-def _resolve(name: str) -> str:
+def registry_name(name: str) -> str:
+    """The registry name of ``name``, a registry name or an alias in any case and hyphenation
+    (``M2SNet``, ``ms-lkseg``, ``L-Seg``); :class:`UnknownModelError` lists the networks."""
     key = name.strip().lower().replace("-", "").replace("_", "").replace("²", "2")
     cards = _load_cards()
     if key in cards:
@@ -65,13 +67,13 @@ def list_models() -> List[str]:
 
 def card(name: str) -> Dict[str, Any]:
     """A copy of the model card of ``name`` (case, '-' and '_' are ignored)."""
-    return copy.deepcopy(_load_cards()[_resolve(name)])
+    return copy.deepcopy(_load_cards()[registry_name(name)])
 
 
 def config(name: str, **overrides) -> Dict[str, Any]:
     """The constructor arguments of ``name``: the card's defaults updated by ``overrides``.
     Unknown keys are rejected with the list of accepted ones."""
-    arch = _load_cards()[_resolve(name)]["architecture"]
+    arch = _load_cards()[registry_name(name)]["architecture"]
     cfg = dict(arch.get("config", {}))
     unknown = sorted(set(overrides) - set(cfg))
     if unknown:
@@ -108,7 +110,7 @@ def create(name: str, preset: str = None, **overrides):
     """Build network ``name`` (random initialisation) with the card's configuration,
     updated by the task preset's ``config`` (e.g. U-Net's polyp preset takes RGB) and
     then by ``overrides`` (e.g. ``in_channels=1``). Imports torch."""
-    key = _resolve(name)
+    key = registry_name(name)
     arch = _load_cards()[key]["architecture"]
     module = importlib.import_module(f"{__name__}.{arch['module']}")
     cls = getattr(module, arch["class"])
@@ -119,13 +121,13 @@ def create(name: str, preset: str = None, **overrides):
 
 
 def output_names(name: str) -> List[str]:
-    return list(_load_cards()[_resolve(name)]["outputs"]["names"])
+    return list(_load_cards()[registry_name(name)]["outputs"]["names"])
 
 
 def inference_output(name: str, outputs):
     """The output that inference uses, from a network's raw forward result (a tensor, or
     a tuple of deep-supervision outputs in the order of ``card['outputs']['names']``)."""
-    out = _load_cards()[_resolve(name)]["outputs"]
+    out = _load_cards()[registry_name(name)]["outputs"]
     if not isinstance(outputs, (tuple, list)):
         return outputs
     return outputs[out["names"].index(out["inference"])]

@@ -1,59 +1,32 @@
-"""Training-curve PNG: matplotlib when installed, else a small numpy raster written by a
-pure zlib PNG encoder, so that every run leaves a picture of its curves without a
-plotting dependency.
+"""Training-curve PNG: matplotlib when installed, else a small numpy raster (Slicer's
+Python has no matplotlib), so that every run leaves a picture of its curves; the numbers
+are in ``log.csv``. PNG files are written by SimpleITK.
 
 The fallback draws two panels: losses (train: blue, validation: orange) on the left,
-validation Dice (green) and IoU (purple) on [0, 1] on the right, with grid lines at
-quarter steps and a 3×5 pixel font for the axis ranges.
+scaled to their own range, and validation Dice (green) and IoU (purple) on [0, 1] on the
+right, with grid lines at quarter steps; it has no text (the ranges are in ``log.csv``).
 """
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..fileio import atomic_path, atomic_write_bytes
+from ..fileio import atomic_path
 
 COLORS = {"train_loss": (31, 119, 180), "val_loss": (255, 127, 14), "val_dice": (44, 160, 44),
           "val_iou": (148, 103, 189)}
 
 
 def write_png(path, rgb: np.ndarray) -> Path:
-    """Write an (H, W, 3) uint8 array as an 8-bit RGB PNG (zlib, filter 0), atomically."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    return atomic_write_bytes(path, png)
-
-
-# 3x5 glyphs for numbers and a few letters (rows top to bottom, 3 bits each)
-_FONT = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "e": "000111101110111", "E": "111100111100111", "+": "000010111010000", " ": "000000000000000",
-}
-
-
-def _text(img: np.ndarray, x: int, y: int, s: str, color=(60, 60, 60), scale: int = 2) -> None:
-    for ch in s:
-        g = _FONT.get(ch, _FONT[" "])
-        for r in range(5):
-            for c in range(3):
-                if g[r * 3 + c] == "1":
-                    y0, x0 = y + r * scale, x + c * scale
-                    img[max(0, y0):y0 + scale, max(0, x0):x0 + scale] = color
-        x += 4 * scale
+    """Write an (H, W, 3) uint8 array as an RGB PNG, atomically."""
+    import SimpleITK as sitk
+    image = sitk.GetImageFromArray(np.ascontiguousarray(rgb, dtype=np.uint8), isVector=True)
+    with atomic_path(path, suffix=".tmp.png") as tmp:  # SimpleITK picks the format by extension
+        sitk.WriteImage(image, str(tmp))
+    return Path(path)
 
 
 def _line(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, color, width: int = 2) -> None:
@@ -74,9 +47,6 @@ def _panel(img, box, series: Dict[str, List[Optional[float]]], lo: float, hi: fl
         y = int(y1 - (y1 - y0) * k / 4)
         img[y, x0:x1] = (225, 225, 225)
     img[y0:y1, x0] = img[y1 - 1, x0:x1] = (0, 0, 0)
-    _text(img, x0 + 4, y0 + 4, f"{hi:.3g}")
-    _text(img, x0 + 4, y1 - 16, f"{lo:.3g}")
-    _text(img, x1 - 40, y1 + 4, f"{n_epochs}")
     span = (hi - lo) or 1.0
     for name, values in series.items():
         pts = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]

@@ -65,7 +65,7 @@ def resolve_network(model, *, preset: Optional[str] = None, checkpoint=None):
         return _from_checkpoint(model, preset)
     if isinstance(model, (str, os.PathLike)):
         try:
-            name = models._resolve(str(model))
+            name = models.registry_name(str(model))
         except models.UnknownModelError:
             if not Path(model).is_file():
                 raise
