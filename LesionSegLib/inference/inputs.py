@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import InputError, arrange_channels, plan_intensity, replace_nonfinite, size_for
+from .geometry import Canonical
+from .staging import Stager
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,32 @@ class InputPreparer:
         # tiles can start on the network's pooling grid (see tiling.tile_starts)
         full = tuple(max(-(-s // div) * div, t) for s, t in zip(shape, tile))
         return tile, full
+
+    def examples(self, image, size: Optional[Tuple[int, int]] = None, window: Optional[dict] = None,
+                 max_slices: int = 16) -> np.ndarray:
+        """The network's input float32 (N, C, h, w), normalised as for inference, of a 2-D
+        image (numpy (H, W[, C]): N = 1) or of up to ``max_slices`` evenly spread slices
+        of a volume (a ``SimpleITK.Image``); resized to ``size`` (default: the card's
+        size for the slice, as ``mode='resize'``)."""
+        stager = Stager(torch.device("cpu"))
+        prep = self
+        with torch.inference_mode():
+            if isinstance(image, np.ndarray):
+                img = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+                plan = prep.plan(img, img.shape[2] if img.ndim == 3 else 1, window)
+                target = tuple(size) if size else prep.sizes(img.shape[:2], "resize")[0]
+                return prep.tensor(stager.upload(img[None]), plan, target, None).float().contiguous().numpy()
+            array, geom, components, _ = volume_input(image, None, None, None)
+            canon = Canonical.of(geom["size"], geom["spacing"], geom["direction"])
+            cview = canon.view(array)
+            nz, ny, nx = canon.canonical_shape
+            plan = prep.plan(array, components, window)
+            target = tuple(size) if size else prep.sizes((ny, nx), "resize")[0]
+            k = plan.context
+            zs = np.unique(np.linspace(0, nz - 1, min(nz, max_slices)).round().astype(int))
+            return np.concatenate([
+                prep.tensor(stager.upload(cview[np.clip(np.arange(z - k, z + k + 1), 0, nz - 1)]), plan, target,
+                            None).float().contiguous().numpy() for z in zs])
 
 
 def volume_input(image, spacing, origin, direction):

@@ -1,7 +1,9 @@
 """From probabilities to labels, masks and the lesion table: the output rules of a
-card (:class:`OutputRules`), shared by every runner and by volumes and images."""
+card (:class:`OutputRules`), shared by every runner and by volumes and images, and
+what a prediction returns (:class:`Prediction`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -10,6 +12,27 @@ import torch
 from ..preprocessing import InputError
 from ..jobs import Progress
 from .postprocess import lesion_table, remove_small_lesions
+
+
+@dataclass
+class Prediction:
+    """Result of :meth:`Predictor.predict_volume` / :meth:`Predictor.predict_image`.
+
+    ``labels``: uint8 label map on the input grid (a ``SimpleITK.Image`` for volumes, a
+    numpy (H, W) array for images): 0 background, else a class ``value``; where classes
+    of a multi-label network overlap, the most probable one. ``masks``: {class value:
+    bool array (z, y, x) / (H, W)}, overlapping for multi-label networks (L-Seg).
+    ``probabilities``: None, or float32 (C, z, y, x) / (C, H, W), one map per class in
+    ``classes`` order. ``lesions``: rows of :func:`~.postprocess.lesion_table` for all
+    classes. ``info``: how the run went (device, precision, batch size, orientation,
+    seconds …).
+    """
+    labels: Any
+    masks: Dict[int, np.ndarray]
+    probabilities: Optional[np.ndarray]
+    classes: List[Dict[str, Any]]
+    lesions: List[Dict[str, Any]]
+    info: Dict[str, Any] = field(default_factory=dict)
 
 
 class OutputRules:

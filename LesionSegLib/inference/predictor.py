@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -52,7 +51,7 @@ from ..jobs import CancelToken, Progress, ProgressCallback
 from .geometry import Canonical
 from .inputs import InputPlan, InputPreparer, model_in_channels, volume_input
 from .loading import load_network, merge_card
-from .outputs import OutputRules
+from .outputs import OutputRules, Prediction
 from .runners import RUNNERS, import_onnx
 from .staging import Stager
 from .tiling import TileBlender, tile_grid
@@ -60,27 +59,6 @@ from .tiling import TileBlender, tile_grid
 log = logging.getLogger("LesionSeg")
 
 BACKENDS = tuple(RUNNERS)
-
-
-@dataclass
-class Prediction:
-    """Result of :meth:`Predictor.predict_volume` / :meth:`Predictor.predict_image`.
-
-    ``labels``: uint8 label map on the input grid (a ``SimpleITK.Image`` for volumes, a
-    numpy (H, W) array for images): 0 background, else a class ``value``; where classes
-    of a multi-label network overlap, the most probable one. ``masks``: {class value:
-    bool array (z, y, x) / (H, W)}, overlapping for multi-label networks (L-Seg).
-    ``probabilities``: None, or float32 (C, z, y, x) / (C, H, W), one map per class in
-    ``classes`` order. ``lesions``: rows of :func:`~.postprocess.lesion_table` for all
-    classes. ``info``: how the run went (device, precision, batch size, orientation,
-    seconds …).
-    """
-    labels: Any
-    masks: Dict[int, np.ndarray]
-    probabilities: Optional[np.ndarray]
-    classes: List[Dict[str, Any]]
-    lesions: List[Dict[str, Any]]
-    info: Dict[str, Any] = field(default_factory=dict)
 
 
 class Predictor:
@@ -196,28 +174,8 @@ class Predictor:
     def network_inputs(self, image, size: Optional[Tuple[int, int]] = None, window: Optional[dict] = None,
                        max_slices: int = 16) -> np.ndarray:
         """The network's input float32 (N, C, h, w), normalised as for inference, of a 2-D
-        image (numpy (H, W[, C]): N = 1) or of up to ``max_slices`` evenly spread slices
-        of a volume (a ``SimpleITK.Image``); resized to ``size`` (default: the card's
-        size for the slice, as ``mode='resize'``)."""
-        stager = Stager(torch.device("cpu"))
-        prep = self.inputs
-        with torch.inference_mode():
-            if isinstance(image, np.ndarray):
-                img = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-                plan = prep.plan(img, img.shape[2] if img.ndim == 3 else 1, window)
-                target = tuple(size) if size else prep.sizes(img.shape[:2], "resize")[0]
-                return prep.tensor(stager.upload(img[None]), plan, target, None).float().contiguous().numpy()
-            array, geom, components, _ = volume_input(image, None, None, None)
-            canon = Canonical.of(geom["size"], geom["spacing"], geom["direction"])
-            cview = canon.view(array)
-            nz, ny, nx = canon.canonical_shape
-            plan = prep.plan(array, components, window)
-            target = tuple(size) if size else prep.sizes((ny, nx), "resize")[0]
-            k = plan.context
-            zs = np.unique(np.linspace(0, nz - 1, min(nz, max_slices)).round().astype(int))
-            return np.concatenate([
-                prep.tensor(stager.upload(cview[np.clip(np.arange(z - k, z + k + 1), 0, nz - 1)]), plan, target,
-                            None).float().contiguous().numpy() for z in zs])
+        image or of up to ``max_slices`` slices of a volume (:meth:`.InputPreparer.examples`)."""
+        return self.inputs.examples(image, size, window, max_slices)
 
     # ------------------------------------------------------------------ network
     def _probabilities(self, x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None,
