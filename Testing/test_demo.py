@@ -112,14 +112,14 @@ def test_demo_fundus_part_reproduces_the_lseg_card_on_its_held_out_photograph(tm
 
 
 def test_demo_fundus_part_says_why_it_is_skipped(tmp_path, monkeypatch, capsys):
-    from LesionSegLib import weights
+    from LesionSegLib import releases
     from LesionSegLib.commands.demo.fundus import run_fundus
-    monkeypatch.setenv(weights.RELEASE_ENV_VAR, str(tmp_path / "no-weights"))
+    monkeypatch.setenv(releases.RELEASE_ENV_VAR, str(tmp_path / "no-weights"))
     assert run_fundus(IDRID, "IDRiD_11", tmp_path / "out", "cpu") is None
     assert "no shipped L-Seg fundus-dr weights" in capsys.readouterr().out
     if not (ROOT / "weights" / "lseg-fundus-dr.pt").is_file():
         return
-    monkeypatch.setenv(weights.RELEASE_ENV_VAR, str(ROOT / "weights"))
+    monkeypatch.setenv(releases.RELEASE_ENV_VAR, str(ROOT / "weights"))
     assert run_fundus(tmp_path / "nowhere", "IDRiD_11", tmp_path / "out", "cpu") is None
     text = capsys.readouterr().out
     assert "is not on this machine" in text and "--fundus" in text and not (tmp_path / "out").exists()

@@ -487,11 +487,11 @@ def test_shipped_weights_are_installed_where_the_library_looks_for_them():
     LesionSegLib into the scripted-modules lib folder, so weights/ must go into that same
     folder, in the build tree and in the package."""
     import re
-    from LesionSegLib import weights
+    from LesionSegLib import releases, weights
     text = (ROOT / "CMakeLists.txt").read_text()
     lib = re.search(r"INSTALL_DIR \$\{(\w+)\}/LesionSegLib", text).group(1)
     build = re.search(r"DESTINATION_DIR \$\{CMAKE_BINARY_DIR\}/\$\{(\w+)\}/LesionSegLib", text).group(1)
     assert re.search(rf"install\(DIRECTORY \$\{{CMAKE_CURRENT_SOURCE_DIR\}}/weights/\s+DESTINATION \$\{{{lib}\}}/weights\b", text)
     assert re.search(rf"file\(COPY \$\{{CMAKE_CURRENT_SOURCE_DIR\}}/weights/ DESTINATION \$\{{CMAKE_BINARY_DIR\}}/\$\{{{build}\}}/weights\)", text)
     package = Path(weights.__file__).resolve().parent
-    assert weights.release_dir() == package.parent / "weights" or os.environ.get(weights.RELEASE_ENV_VAR)
+    assert releases.release_dir() == package.parent / "weights" or os.environ.get(releases.RELEASE_ENV_VAR)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LesionSegLib import checkpoint, weights
+from LesionSegLib import checkpoint, releases, weights
 from LesionSegLib.data import folder_pairs
 from LesionSegLib.data.images import read_mask
 from LesionSegLib.inference import Predictor
@@ -56,7 +56,7 @@ def release(tmp_path):
     heldout = evaluate_heldout(Predictor(str(run_ck), device="cpu"), pairs)
     entry = write_release(run_ck, tmp_path / "weights", name="unet-covid-ct", heldout=heldout,
                           info={"data": "squares", "budget": "none"})
-    env = {weights.RELEASE_ENV_VAR: str(tmp_path / "weights"), weights.ENV_VAR: str(tmp_path / "cache")}
+    env = {releases.RELEASE_ENV_VAR: str(tmp_path / "weights"), weights.ENV_VAR: str(tmp_path / "cache")}
     return tmp_path, data, entry, heldout, env
 
 
@@ -150,7 +150,7 @@ MANIFEST = ROOT / "weights" / "manifest.json"
 
 
 def test_repository_release_files_match_their_manifest_and_cards():
-    manifest = weights.release_manifest(ROOT / "weights")
+    manifest = releases.release_manifest(ROOT / "weights")
     total = 0
     for f in manifest["files"]:
         path = ROOT / "weights" / f["file"]
@@ -162,7 +162,7 @@ def test_repository_release_files_match_their_manifest_and_cards():
 
 
 def _release_entry(name):
-    for f in weights.release_manifest(ROOT / "weights")["files"]:
+    for f in releases.release_manifest(ROOT / "weights")["files"]:
         if f["file"] == f"{name}.pt" and (ROOT / "weights" / f["file"]).is_file():
             return f
     pytest.skip(f"weights/{name}.pt is not in this checkout")

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LesionSegLib import checkpoint, models, weights  # noqa: E402
+from LesionSegLib import checkpoint, models, releases  # noqa: E402
 
 BEGIN, END = "<!-- BEGIN shipped weights (scripts/release_table.py) -->", "<!-- END shipped weights -->"
 # What the papers report for the same task, and how sure docs/networks.md is of it
@@ -70,7 +70,7 @@ def _baseline_details(b, stem: str) -> list:
 
 
 def section(folder: Path) -> str:
-    manifest = weights.release_manifest(folder)
+    manifest = releases.release_manifest(folder)
     lines = [BEGIN, "", "## Shipped weights (`weights/`, held-out test split)", "",
              "Each file's numbers come from `scripts/release_weights.py`: the run's best checkpoint (highest "
              "validation Dice) segments the **test** cases of its split file, which it never trained on nor was "

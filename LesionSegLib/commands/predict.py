@@ -138,14 +138,14 @@ def run_predict(args: argparse.Namespace) -> int:
               f"(for testing the pipeline only)", file=sys.stderr)
         source = models.create(args.model, preset=args.preset)
     else:
-        from .. import weights
+        from .. import releases, weights
         try:
             entry = weights.find(args.model, args.preset)
         except weights.WeightsError as e:
             print(f"lesionseg predict: error: {e}", file=sys.stderr)
             return 1
         if entry is None:
-            print(f"lesionseg predict: error: {weights.no_weights_message(args.model, args.preset)}", file=sys.stderr)
+            print(f"lesionseg predict: error: {releases.no_weights_message(args.model, args.preset)}", file=sys.stderr)
             return 1
         if not args.quiet:
             what = "shipped" if entry.kind == "release" else "installed"

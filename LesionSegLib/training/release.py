@@ -145,7 +145,7 @@ def evaluate_run(run_dir, limit: Optional[int] = None, progress=None) -> RunEval
 def add_baseline(out_dir, release_file: str, baseline: Dict[str, Any]) -> Dict[str, Any]:
     """Record a baseline run (e.g. the U-Net with the same data, split and budget) beside
     the release ``release_file`` in ``<out_dir>/manifest.json``; returns the entry."""
-    from ..weights import MANIFEST_NAME, release_manifest
+    from ..releases import MANIFEST_NAME, release_manifest
     manifest = release_manifest(out_dir)
     entry = next((f for f in manifest["files"] if f["file"] == release_file), None)
     if entry is None:
@@ -156,7 +156,7 @@ def add_baseline(out_dir, release_file: str, baseline: Dict[str, Any]) -> Dict[s
 
 
 def _write_manifest(out_dir, manifest: Dict[str, Any]) -> None:
-    from ..weights import MANIFEST_NAME
+    from ..releases import MANIFEST_NAME
     with atomic_path(Path(out_dir) / MANIFEST_NAME) as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
@@ -171,7 +171,8 @@ def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info
     (:func:`..inference.quantization.agreement`); the Predictor's ``auto`` reads it
     (:func:`..inference.runtime.keep_masks`)."""
     from .. import checkpoint as ckpt
-    from ..weights import MANIFEST_FORMAT, release_manifest, sha256_file
+    from ..releases import MANIFEST_FORMAT, release_manifest
+    from ..weights import sha256_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ck = ckpt.load(checkpoint_path)

@@ -60,7 +60,7 @@ def _number(v):
 
 def run_fundus(folder: Optional[Path], case: str, out: Path, device: str) -> Optional[dict]:
     """Segment ``case`` of the IDRiD folder; returns the summary, or None when skipped."""
-    from ... import models, weights
+    from ... import models, releases
     from ...data.dataset import target_spec
     from ...data.folders import class_mask_pairs
     from ...inference import Predictor
@@ -70,7 +70,7 @@ def run_fundus(folder: Optional[Path], case: str, out: Path, device: str) -> Opt
     from ...training.release import evaluate_heldout, heldout_pairs
 
     print("\n--- Fundus photograph: L-Seg, four diabetic-retinopathy lesion classes ---")
-    entry = weights.find_released("lseg", "fundus-dr")
+    entry = releases.find_released("lseg", "fundus-dr")
     if entry is None:
         print("Skipped: this checkout has no shipped L-Seg fundus-dr weights (weights/manifest.json).")
         return None
@@ -85,7 +85,7 @@ def run_fundus(folder: Optional[Path], case: str, out: Path, device: str) -> Opt
     if not pairs:
         print(f"Skipped: {folder} has no image {case} with its four lesion masks.")
         return None
-    split = weights.release_dir() / "splits" / "idrid.json"
+    split = releases.release_dir() / "splits" / "idrid.json"
     if split.is_file() and heldout_pairs(pairs, split):
         print(f"Input   {pairs[0].image}: {case}, IDRiD (CC BY 4.0), held out from training and model selection")
     else:

@@ -1,0 +1,97 @@
+"""The weights shipped with LesionSeg: ``weights/`` beside the package (the repository's
+root, and where the Slicer extension installs it), described by ``manifest.json`` (file,
+network, preset, SHA-256, size, card, held-out metrics), each file verified against it
+before use. :func:`LesionSegLib.weights.find` falls back to these when the user has
+installed none."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .weights import InstalledWeights, WeightsError, sha256_file
+
+RELEASE_ENV_VAR = "LESIONSEG_RELEASE_WEIGHTS"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "lesionseg.release-manifest"
+_verified: Dict[tuple, bool] = {}
+
+
+def release_dir() -> Path:
+    """The folder of the weights shipped with LesionSeg: ``LESIONSEG_RELEASE_WEIGHTS`` if
+    set, else ``weights/`` beside the LesionSegLib package (the repository's root, and
+    where the Slicer extension installs it)."""
+    env = os.environ.get(RELEASE_ENV_VAR, "").strip()
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "weights"
+
+
+def release_manifest(folder=None) -> Dict[str, Any]:
+    """The manifest of the shipped weights (``{"files": [...]}``; empty when there is none)."""
+    path = Path(folder or release_dir()) / MANIFEST_NAME
+    if not path.is_file():
+        return {"format": MANIFEST_FORMAT, "version": 1, "files": []}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: unreadable manifest of the shipped weights ({e})") from None
+    if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
+        raise WeightsError(f"{path}: not a LesionSeg weights manifest")
+    return data
+
+
+def list_released(model: Optional[str] = None) -> List[InstalledWeights]:
+    """The shipped weights (``kind="release"``), in manifest order, optionally of one
+    model. Files listed but absent are skipped (a checkout without them)."""
+    folder = release_dir()
+    from . import models
+    want = models.registry_name(model) if model else None
+    out = []
+    for f in release_manifest(folder)["files"]:
+        path = folder / f["file"]
+        if not path.is_file() or (want and f["model"] != want):
+            continue
+        out.append(InstalledWeights(id=f"release/{f['file']}", model=f["model"], preset=f.get("preset"),
+                                    path=str(path), sha256=f["sha256"], size=int(f["size"]), kind="release",
+                                    source=str(folder / f.get("card", f["file"])), installed=f.get("date", ""),
+                                    provenance={k: f[k] for k in ("metrics", "card", "training") if k in f}))
+    return out
+
+
+def find_released(model: str, preset: Optional[str] = None) -> Optional[InstalledWeights]:
+    """The shipped weights of ``model`` for ``preset`` (None: the card's default preset
+    first, else any), verified against the manifest's SHA-256 and size: a damaged or
+    replaced file raises :class:`WeightsError` instead of being used."""
+    entries = list_released(model)
+    if preset is None and entries:
+        from . import models
+        default = models.card(entries[0].model).get("default_preset")
+        entries = sorted(entries, key=lambda e: e.preset != default)
+    for entry in entries:
+        if preset is None or entry.preset in (None, preset):
+            verify_release(entry)
+            return entry
+    return None
+
+
+def no_weights_message(model: str, preset: Optional[str] = None) -> str:
+    """Why there are no weights for ``model``/``preset``, and what can be done."""
+    from . import models
+    name = models.card(model)["display_name"]
+    shipped = sorted({e.preset for e in list_released(model) if e.preset})
+    there = (f"LesionSeg ships {name} weights for: {', '.join(shipped)}" if shipped
+             else f"LesionSeg ships no {name} weights")
+    return (f"no weights for {name}" + (f" ({preset})" if preset else "") + f"; {there}. Give a checkpoint "
+            f"(--checkpoint FILE, or import one in Slicer's LesionSeg module), train one (lesionseg train), "
+            f"or use --random-weights to test the pipeline")
+
+
+def verify_release(entry: InstalledWeights) -> None:
+    st = os.stat(entry.path)
+    key = (entry.path, st.st_size, st.st_mtime_ns)
+    if key in _verified:
+        return
+    if st.st_size != entry.size or sha256_file(entry.path) != entry.sha256:
+        raise WeightsError(f"{entry.path}: the shipped weights file is damaged or was replaced (its size or "
+                           f"SHA-256 differs from {MANIFEST_NAME}); restore it from the LesionSeg release")
+    _verified[key] = True
