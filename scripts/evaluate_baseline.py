@@ -19,9 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LesionSegLib.checkpoint import read_metadata  # noqa: E402
-from LesionSegLib.inference.runtime import cpu_features, cpu_name  # noqa: E402
-from LesionSegLib.training.release import add_baseline, evaluate_run  # noqa: E402
+from LesionSegLib.training.release import add_baseline, evaluate_run, hardware_text  # noqa: E402
 
 
 def main() -> int:
@@ -37,12 +35,11 @@ def main() -> int:
 
     run = evaluate_run(args.run, args.limit, progress=lambda i, n: print(f"  {i}/{n}", file=sys.stderr)
                        if i % 10 == 0 or i == n else None)
-    _, _, prov = read_metadata(args.run / "best.pt")
+    prov = run.checkpoint.provenance
     training = prov.get("training", {})
     with open(args.run / "log.csv", newline="", encoding="utf-8") as f:
         history = list(csv.DictReader(f))
     recipe = json.loads((args.run / "recipe.json").read_text(encoding="utf-8"))
-    feats = cpu_features()
     baseline = {
         "model": run.checkpoint.name, "preset": run.checkpoint.card["preset"]["name"],
         "heldout": run.heldout.summary, "heldout_per_class": run.heldout.per_class,
@@ -50,9 +47,7 @@ def main() -> int:
         "best_epoch": int(training.get("best_epoch", -1)) + 1,
         "val_dice": (prov.get("metrics") or {}).get("val_dice"),
         "budget": args.budget, "command": args.command, "notes": args.note,
-        "hardware": f"{cpu_name()} ({', '.join(k for k, v in feats.items() if v and k != 'native_bf16')}), "
-                    f"{int(training.get('torch_threads', 1))} torch thread(s), "
-                    f"{'fp32' if not training.get('amp') else training['amp']}",
+        "hardware": f"{hardware_text(prov)}, {training.get('amp') or 'fp32'}",
     }
     add_baseline(args.out, args.against, baseline)
     curves = args.run / "curves.png"

@@ -20,9 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from LesionSegLib import models  # noqa: E402
-from LesionSegLib.checkpoint import load  # noqa: E402
 from LesionSegLib.inference.runtime import cpu_features, cpu_name  # noqa: E402
-from LesionSegLib.training.release import evaluate_run, write_release  # noqa: E402
+from LesionSegLib.training.release import evaluate_run, hardware_text, write_release  # noqa: E402
 
 
 def _fmt(v, digits=3) -> str:
@@ -103,10 +102,10 @@ def main() -> int:
     args = ap.parse_args()
 
     best = args.run / "best.pt"
-    provenance = load(best).provenance
     run = evaluate_run(args.run, args.limit, progress=lambda i, n: print(f"  {i}/{n}", file=sys.stderr)
                        if i % 10 == 0 or i == n else None)
     heldout, shipped, pairs, data, roots = run.heldout, run.checkpoint, run.pairs, run.data, run.roots
+    provenance = shipped.provenance
     split = data["split"]["source"]
     feats = cpu_features()
     agreement = None
@@ -119,13 +118,11 @@ def main() -> int:
         agreement = {"bf16": {k: rep[k] for k in ("dice", "min_dice", "count_mismatches", "images", "agrees")},
                      "cpu": cpu_name(), "images": "held-out test images"}
         print(f"bf16 against fp32: {q.describe(rep)}", file=sys.stderr)
-    hardware = (f"{cpu_name()} ({', '.join(k for k, v in feats.items() if v and k != 'native_bf16') or 'no AVX2'}), "
-                f"{int(provenance.get('training', {}).get('torch_threads', 1))} torch thread(s), CPU only")
     info = {"data": args.data_text or ", ".join(Path(r).name for r in roots)
             + f" ({data['train_items']} training, {data['val_items']} validation images)",
             "split": f"`weights/splits/{Path(split).name}`: validation {len(data['val_cases'])} cases, "
                      f"test {len(data['split']['held_out_test_cases'])} cases; {_case_rule(data, roots)}",
-            "budget": args.budget, "hardware": hardware, "licence": args.licence, "summary": args.summary,
+            "budget": args.budget, "hardware": hardware_text(provenance), "licence": args.licence, "summary": args.summary,
             "start": args.start, "notes": args.note, "command": args.command,
             "epochs": len((args.run / "log.csv").read_text().splitlines()) - 1}
     if len(roots) > 1:  # several folders trained as one set: the score of each on its own

@@ -21,6 +21,8 @@ class TorchRunner:
     (``fuse_for_inference``; the caller's model is never modified), large depth-wise
     kernels through the FFT on the CPU, channels-last, autocast, optionally compiled."""
     backend = "torch"
+    #: a GPU batch is sized by measuring this network's memory (batching.BatchPlanner)
+    measures_memory = True
 
     def __init__(self, model: nn.Module, name: str, device: torch.device, amp_dtype, *, fuse: bool = True,
                  compile: bool = False, channels_last: bool = True) -> None:
@@ -37,8 +39,6 @@ class TorchRunner:
             runtime.to_channels_last(net)
         net.to(device)
         self.model = torch.compile(net) if compile else net
-        # a GPU batch is sized by measuring this network's memory (see batching.BatchPlanner)
-        self.measures_memory = device.type == "cuda"
 
     @classmethod
     def create(cls, *, model, name, device, amp_dtype, fuse, compile, channels_last, **_):

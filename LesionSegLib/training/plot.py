@@ -21,12 +21,10 @@ COLORS = {"train_loss": (31, 119, 180), "val_loss": (255, 127, 14), "val_dice": 
 
 
 def write_png(path, rgb: np.ndarray) -> Path:
-    """Write an (H, W, 3) uint8 array as an RGB PNG, atomically."""
+    """Write an (H, W, 3) uint8 array as an RGB PNG (atomically, read back before use)."""
     import SimpleITK as sitk
-    image = sitk.GetImageFromArray(np.ascontiguousarray(rgb, dtype=np.uint8), isVector=True)
-    with atomic_path(path, suffix=".tmp.png") as tmp:  # SimpleITK picks the format by extension
-        sitk.WriteImage(image, str(tmp))
-    return Path(path)
+    from ..inference.io import write_image
+    return write_image(sitk.GetImageFromArray(np.ascontiguousarray(rgb, dtype=np.uint8), isVector=True), path)
 
 
 def _line(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, color, width: int = 2) -> None:

@@ -142,6 +142,16 @@ def evaluate_run(run_dir, limit: Optional[int] = None, progress=None) -> RunEval
     return RunEvaluation(evaluate_heldout(predictor, pairs, progress=progress), shipped, pairs, data, roots)
 
 
+def hardware_text(provenance: Dict[str, Any]) -> str:
+    """The machine of a run, for cards: this CPU (the run is scored where it trained), the
+    features that decide precision, and the run's torch threads."""
+    from ..inference.runtime import cpu_features, cpu_name
+    feats = cpu_features()
+    threads = int(provenance.get("training", {}).get("torch_threads", 1))
+    return (f"{cpu_name()} ({', '.join(k for k, v in feats.items() if v and k != 'native_bf16') or 'no AVX2'}), "
+            f"{threads} torch thread(s), CPU only")
+
+
 def add_baseline(out_dir, release_file: str, baseline: Dict[str, Any]) -> Dict[str, Any]:
     """Record a baseline run (e.g. the U-Net with the same data, split and budget) beside
     the release ``release_file`` in ``<out_dir>/manifest.json``; returns the entry."""
