@@ -149,23 +149,22 @@ class InputPreparer:
         of a volume (a ``SimpleITK.Image``); resized to ``size`` (default: the card's
         size for the slice, as ``mode='resize'``)."""
         stager = Stager(torch.device("cpu"))
-        prep = self
         with torch.inference_mode():
             if isinstance(image, np.ndarray):
                 img = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-                plan = prep.plan(img, img.shape[2] if img.ndim == 3 else 1, window)
-                target = tuple(size) if size else prep.sizes(img.shape[:2], "resize")[0]
-                return prep.tensor(stager.upload(img[None]), plan, target, None).float().contiguous().numpy()
+                plan = self.plan(img, img.shape[2] if img.ndim == 3 else 1, window)
+                target = tuple(size) if size else self.sizes(img.shape[:2], "resize")[0]
+                return self.tensor(stager.upload(img[None]), plan, target, None).float().contiguous().numpy()
             array, geom, components, _ = volume_input(image, None, None, None)
             canon = Canonical.of(geom["size"], geom["spacing"], geom["direction"])
             cview = canon.view(array)
             nz, ny, nx = canon.canonical_shape
-            plan = prep.plan(array, components, window)
-            target = tuple(size) if size else prep.sizes((ny, nx), "resize")[0]
+            plan = self.plan(array, components, window)
+            target = tuple(size) if size else self.sizes((ny, nx), "resize")[0]
             k = plan.context
             zs = np.unique(np.linspace(0, nz - 1, min(nz, max_slices)).round().astype(int))
             return np.concatenate([
-                prep.tensor(stager.upload(cview[np.clip(np.arange(z - k, z + k + 1), 0, nz - 1)]), plan, target,
+                self.tensor(stager.upload(cview[np.clip(np.arange(z - k, z + k + 1), 0, nz - 1)]), plan, target,
                             None).float().contiguous().numpy() for z in zs])
 
 
