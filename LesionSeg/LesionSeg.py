@@ -313,8 +313,9 @@ class LesionSegWidget(ScriptedLoadableModuleWidget):
     def onPresetChanged(self, *unused):
         from LesionSegLib.slicer.cardhtml import model_card_html
         self.ui.modelCardBrowser.setHtml(model_card_html(self.model(), self.preset()))
-        threshold = self.logic.modelCard(self.model(), self.preset())["outputs"].get("threshold", 0.5)
-        self.ui.thresholdSliderWidget.value = float(threshold)
+        from LesionSegLib import models
+        card = self.logic.modelCard(self.model(), self.preset())
+        self.ui.thresholdSliderWidget.value = models.Outputs.of(card).threshold
         self.fillWeightsCombo()
 
     def onTrainModelChanged(self, *unused):

@@ -158,7 +158,7 @@ def reference_loop(model, name: str, card: Dict[str, Any], image, size, threshol
         Image = None
     out = np.zeros(arr.shape[:3], np.uint8)
     colour = arr.ndim == 4
-    softmax = card["outputs"].get("activation") == "softmax"
+    softmax = models.Outputs.of(card).softmax
     with torch.no_grad():
         for z in range(arr.shape[0]):
             sl = arr[z].astype(np.float32)

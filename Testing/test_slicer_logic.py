@@ -160,7 +160,7 @@ def test_failing_models_leave_segmentation_unchanged(scene, logic, unet_checkpoi
     corrupt.write_bytes(unet_checkpoint.read_bytes()[:300])
     with pytest.raises(Exception, match="corrupt.pt"):
         logic.segment(vol, seg, model="unet", checkpoint=corrupt, preset=PRESET)
-    with pytest.raises(LesionSegError, match="neither a file nor installed"):
+    with pytest.raises(LesionSegError, match="no such checkpoint file"):
         logic.segment(vol, seg, model="unet", checkpoint=tmp_path / "missing.pt", preset=PRESET)
     assert _state(seg, vol) == before and scene.GetNumberOfNodes() == nodes
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from LesionSegLib import models  # noqa: E402
+from LesionSegLib import models, resolver  # noqa: E402
 from LesionSegLib.inference import onnx as onnx_backend  # noqa: E402
 from LesionSegLib.models.fusion import fuse_for_inference  # noqa: E402
 
@@ -49,7 +49,7 @@ def to_channels_last(net):
 
 
 def measure(name: str, size, batch: int, repeats: int, warmup: int, threads: int) -> dict:
-    card = onnx_backend.card_with_preset(name, None)
+    card = resolver.network_card(name, None, None)
     size = tuple(size) if size else onnx_backend.default_size(card)
     channels = onnx_backend.input_channels(card, models.config(name))
     net = fuse_for_inference(models.create(name))

@@ -124,34 +124,24 @@ def run_predict(args: argparse.Namespace) -> int:
     if not args.checkpoint and not args.model:
         print("lesionseg predict: error: give --checkpoint (trained weights) or --model", file=sys.stderr)
         return 2
-    from ..checkpoint import load as load_checkpoint
+    from .. import resolver
     from ..inference import Predictor
     from ..inference import io as lio
-    onnx_file = str(args.checkpoint or "").lower().endswith(".onnx")
-    if onnx_file:
-        source = str(args.checkpoint)  # an exported graph: the Predictor reads its card (onnxruntime)
-    elif args.checkpoint:
-        source = load_checkpoint(args.checkpoint, model=args.model, preset=args.preset)
-    elif args.random_weights:
-        from .. import models
+    from ..weights import WeightsError
+    if args.random_weights and not args.checkpoint:
         print(f"lesionseg predict: warning: --random-weights: {args.model} has random weights "
               f"(for testing the pipeline only)", file=sys.stderr)
-        source = models.create(args.model, preset=args.preset)
+        choice = resolver.RANDOM_WEIGHTS
     else:
-        from .. import releases, weights
         try:
-            entry = weights.find(args.model, args.preset)
-        except weights.WeightsError as e:
+            choice = resolver.choose_weights(args.model, args.preset, args.checkpoint)
+        except WeightsError as e:
             print(f"lesionseg predict: error: {e}", file=sys.stderr)
             return 1
-        if entry is None:
-            print(f"lesionseg predict: error: {releases.no_weights_message(args.model, args.preset)}", file=sys.stderr)
-            return 1
-        if not args.quiet:
-            what = "shipped" if entry.kind == "release" else "installed"
-            print(f"lesionseg predict: using the {what} weights {entry.path}"
-                  + (f" ({entry.preset})" if entry.preset else ""), file=sys.stderr)
-        source = load_checkpoint(entry.path, model=args.model, preset=args.preset or entry.preset)
+        if choice.kind in ("installed", "release") and not args.checkpoint and not args.quiet:
+            print(f"lesionseg predict: using {choice.description}", file=sys.stderr)
+    source = choice.source(args.model, args.preset)
+    onnx_file = isinstance(source, str)
     backend = args.backend or ("onnxruntime" if onnx_file else "torch")
     predictor = Predictor(source, preset=args.preset, device=args.device, precision=args.precision,
                           batch_size=batch, tta=args.tta, compile=args.compile, backend=backend,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import preprocessing
+from .. import models, preprocessing
 from .errors import DataError
 from .folders import ImagePair
 from .images import derive_edge, read_image, read_mask
@@ -50,18 +50,18 @@ def target_spec(model_name: str, preset: Dict[str, Any], model_config: Optional[
     The card's ``outputs`` decide (sigmoid: one channel per class; multi_label: L-Seg's 4);
     a network built with ``num_classes > 1`` whose card says sigmoid (U-Net, MS-LKSeg) is
     a softmax network with background as channel 0, as the U-Net card states."""
-    outputs = preset["outputs"]
+    outputs = models.Outputs.of(preset)
     classes = tuple(preset.get("classes", ()))
     cfg = model_config or {}
-    ch = int(outputs.get("channels", 1))
+    ch = outputs.channels_for(max(1, len(classes)))
     for key in ("num_classes", "n_class", "out_channels"):
         if key in cfg:
             ch = int(cfg[key])
-    softmax = outputs.get("activation") == "softmax" or (ch > 1 and not outputs.get("multi_label"))
+    softmax = outputs.softmax or (ch > 1 and not outputs.multi_label)
     n = ch - 1 if softmax else ch
     if n < 1:
         raise DataError(f"{model_name}: a softmax network needs at least 2 output channels")
-    return TargetSpec(n, ch, softmax, bool(outputs.get("multi_label")), bool(outputs.get("edge_output")), classes)
+    return TargetSpec(n, ch, softmax, outputs.multi_label, outputs.edge_output, classes)
 
 
 # --------------------------------------------------------------------------- geometry

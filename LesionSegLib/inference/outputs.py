@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .. import models
 from ..preprocessing import InputError
 from ..jobs import Progress
 from .postprocess import lesion_table, remove_small_lesions
@@ -42,12 +43,13 @@ class OutputRules:
     def __init__(self, name: str, preset: Optional[str], outputs: Dict[str, Any], classes: List[Dict[str, Any]],
                  device: torch.device) -> None:
         self.name, self.preset, self.classes = name, preset, classes
-        self.activation = outputs.get("activation", "sigmoid")
+        spec = models.Outputs.of(outputs)
+        self.activation = spec.activation
         if self.activation not in ("sigmoid", "softmax"):
             raise InputError(f"{name}: unsupported output activation {self.activation!r}")
-        self.threshold = float(outputs.get("threshold", 0.5))
+        self.threshold = spec.threshold
         n_cls = len(classes)
-        self.channels = int(outputs.get("channels", n_cls))
+        self.channels = spec.channels_for(n_cls)
         expected = n_cls + 1 if self.activation == "softmax" else n_cls
         if self.channels != expected:
             raise InputError(f"{name}: preset {preset!r} lists {n_cls} class(es) but the network has "

@@ -50,7 +50,7 @@ from .batching import BatchPlanner
 from ..jobs import CancelToken, Progress, ProgressCallback
 from .geometry import Canonical
 from .inputs import InputPlan, InputPreparer, model_in_channels, volume_input
-from .loading import load_network, merge_card
+from ..resolver import load_network, network_card
 from .outputs import OutputRules, Prediction
 from .runners import RUNNERS, import_onnx
 from .staging import Stager
@@ -115,7 +115,7 @@ class Predictor:
                 raise CheckpointError(f"{model_or_checkpoint}: an ONNX file runs with backend='onnxruntime'")
             loaded.name, loaded.card = import_onnx().read_metadata(model_or_checkpoint)
         self.name = self._batches.name = loaded.name
-        self.card = merge_card(loaded.name, loaded.card, preset, loaded.provenance)
+        self.card = network_card(loaded.name, loaded.card, preset, loaded.provenance)
         self.preset = self.card["preset"].get("name")
         self.classes: List[Dict[str, Any]] = [dict(c) for c in self.card["classes"]]
         self.provenance = loaded.provenance or {}

@@ -37,6 +37,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from .. import models
+
 log = logging.getLogger("LesionSeg")
 
 #: lower precisions must give masks with at least this Dice against fp32 (and the same
@@ -69,12 +71,11 @@ def cache_dir() -> Path:
 def masks_from_logits(logits: np.ndarray, card: Dict[str, Any]) -> np.ndarray:
     """Foreground masks bool (N, K, H, W), one per class, as the Predictor decides them:
     sigmoid above the card's threshold (in logit space), or the softmax's argmax."""
-    out = card["outputs"]
-    if out.get("activation", "sigmoid") == "softmax":
+    out = models.Outputs.of(card)
+    if out.softmax:
         best = np.asarray(logits).argmax(1)
         return np.stack([best == k for k in range(1, logits.shape[1])], 1)
-    t = float(out.get("threshold", 0.5))
-    t = min(max(t, 1e-7), 1 - 1e-7)
+    t = min(max(out.threshold, 1e-7), 1 - 1e-7)
     return np.asarray(logits) > math.log(t / (1 - t))
 
 

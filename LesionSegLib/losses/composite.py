@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import models
 from .binloss import DEFAULT_KEY, multi_channel_bin_loss
 from .dice import bce_dice_loss, ce_dice_loss
 from .lossnet import LossNet
@@ -92,9 +93,10 @@ class SegmentationLoss(nn.Module):
         self.options = opts
         self.model_name = model_name
         self.output_names: List[str] = list(outputs["names"])
-        self.channels = int(outputs.get("channels", 1))
-        self.activation = outputs.get("activation", "sigmoid")
-        self.multi_label = bool(outputs.get("multi_label", False))
+        spec = models.Outputs.of(outputs)
+        self.channels = spec.channels_for(1)
+        self.activation = spec.activation
+        self.multi_label = spec.multi_label
         self.config: Dict[str, Any] = {"model": model_name, "preset": preset_name, "recipe": self.RECIPE,
                                        "description": self.DESCRIPTION, "options": dict(opts),
                                        "notes": list(self.NOTES)}

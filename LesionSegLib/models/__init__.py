@@ -15,14 +15,15 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 CARDS_DIR = Path(__file__).with_name("cards")
 
 __all__ = ["list_models", "registry_name", "card", "create", "config", "preset", "output_names",
-           "inference_output", "UnknownModelError", "UnknownPresetError"]
+           "inference_output", "Outputs", "UnknownModelError", "UnknownPresetError"]
 
 
 class UnknownModelError(KeyError):
@@ -58,6 +59,39 @@ def registry_name(name: str) -> str:
         if key in (a.lower().replace("-", "").replace("_", "").replace("²", "2") for a in aliases):
             return n
     raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(cards)}")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """A card's or preset's ``outputs``, typed: the one place where a key a card leaves
+    out gets its default (cards written by older versions, official files)."""
+    activation: str = "sigmoid"
+    threshold: float = 0.5
+    channels: Optional[int] = None  # None: one per class (sigmoid), one more for background (softmax)
+    multi_label: bool = False
+    edge_output: bool = False
+    names: Tuple[str, ...] = ()
+    inference: Optional[str] = None
+
+    @classmethod
+    def of(cls, card_or_outputs: Mapping[str, Any]) -> "Outputs":
+        """From a card or preset (its ``outputs`` entry) or from the ``outputs`` entry itself."""
+        out = card_or_outputs.get("outputs", card_or_outputs)
+        return cls(activation=str(out.get("activation") or "sigmoid"),
+                   threshold=float(out["threshold"]) if out.get("threshold") is not None else 0.5,
+                   channels=int(out["channels"]) if out.get("channels") is not None else None,
+                   multi_label=bool(out.get("multi_label", False)), edge_output=bool(out.get("edge_output", False)),
+                   names=tuple(out.get("names", ())), inference=out.get("inference"))
+
+    @property
+    def softmax(self) -> bool:
+        return self.activation == "softmax"
+
+    def channels_for(self, n_classes: int) -> int:
+        """Output channels of a network with ``n_classes`` classes."""
+        if self.channels is not None:
+            return self.channels
+        return n_classes + 1 if self.softmax else n_classes
 
 
 def list_models() -> List[str]:

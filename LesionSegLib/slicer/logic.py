@@ -97,7 +97,7 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
         from .. import models
         card = models.card(model)
         preset = card.get("default_preset") or next(iter(card.get("presets", {})), "")
-        threshold = models.preset(model, preset or None)["outputs"].get("threshold", 0.5)
+        threshold = models.Outputs.of(models.preset(model, preset or None)).threshold
         return {"Preset": preset or "default", "Checkpoint": cls.NEWEST_WEIGHTS, "Device": "auto",
                 "UseCardThreshold": "1", "Threshold": repr(float(threshold)), "TTA": "0", "ProbabilityMap": "0",
                 "Segments": cls.ALL_CLASSES}

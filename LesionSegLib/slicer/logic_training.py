@@ -25,7 +25,7 @@ class TrainingLogic:
         from .. import models
         p = models.preset(model, preset)
         classes = p["classes"]
-        multi = bool(p["outputs"].get("multi_label"))
+        multi = models.Outputs.of(p).multi_label
         cases = []
         temp_scene = None
         for k, pair in enumerate(pairs):

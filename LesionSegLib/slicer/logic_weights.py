@@ -46,17 +46,13 @@ class WeightsLogic:
     @staticmethod
     def resolveCheckpoint(model: str, checkpoint=None, preset: Optional[str] = None) -> Optional[str]:
         """The weight file to use: ``checkpoint`` (a path, or an installed entry's id), else
-        the newest installed weights of ``model`` for ``preset``; None when there are none."""
-        if checkpoint:
-            p = Path(str(checkpoint)).expanduser()
-            if p.is_file():
-                return str(p)
-            try:
-                return _weights.get(str(checkpoint)).path
-            except _weights.WeightsError:
-                raise LesionSegError(f"checkpoint {checkpoint!r} is neither a file nor installed weights") from None
-        entry = _weights.find(model, preset)
-        return entry.path if entry else None
+        the newest installed or the shipped weights of ``model`` for ``preset``; None when
+        there are none (:func:`LesionSegLib.resolver.choose_weights`)."""
+        from .. import resolver
+        try:
+            return resolver.choose_weights(model, preset, checkpoint, allow_random=True).path
+        except _weights.WeightsError as e:
+            raise LesionSegError(str(e)) from None
 
     def requireWeights(self, model: str, checkpoint=None, preset: Optional[str] = None,
                        allowRandomWeights: bool = False) -> Optional[str]:

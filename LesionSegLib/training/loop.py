@@ -92,7 +92,7 @@ class Trainer:
         cfg, recipe = self.cfg, self.recipe
         preset_for_card = trained_preset(models.preset(cfg.name, cfg.preset), cfg.input_spec, cfg.spec)
         self.card = dict(models.card(cfg.name), preset=preset_for_card)
-        self.threshold = float(preset_for_card["outputs"].get("threshold", 0.5))
+        self.threshold = models.Outputs.of(preset_for_card).threshold
         self.accumulate = int(recipe.get("accumulate", 1))
         self.clip = recipe.get("grad_clip")
         self.every = int(recipe.get("checkpoint_every_steps") or 0)

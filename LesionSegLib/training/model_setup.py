@@ -105,7 +105,7 @@ def trained_preset(preset: Dict[str, Any], input_spec: Dict[str, Any], spec: Tar
     p = json.loads(json.dumps(preset))
     p["input"] = input_spec
     classes = list(p.get("classes", []))
-    if spec.softmax and (p["outputs"].get("activation") != "softmax" or len(classes) != spec.n_classes):
+    if spec.softmax and (not models.Outputs.of(p).softmax or len(classes) != spec.n_classes):
         palette = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (80, 200, 120), (200, 80, 255), (255, 128, 0)]
         while len(classes) < spec.n_classes:
             v = len(classes) + 1

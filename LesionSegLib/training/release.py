@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import metrics as M
+from .. import models
 from ..data.folders import ImagePair
 from ..data.images import read_image, read_mask
 from ..fileio import atomic_path
@@ -56,7 +57,7 @@ def evaluate_heldout(predictor, pairs: Sequence[ImagePair], progress=None, on_im
     ``on_image(pair, image, prediction, masks, reference)`` sees each image's result
     (class value → boolean mask), e.g. to draw it."""
     classes = predictor.classes
-    multi = bool(predictor.card["outputs"].get("multi_label"))
+    multi = models.Outputs.of(predictor.card).multi_label
     names = [c["name"] for c in classes]
     rows: List[Dict[str, Any]] = []
     pooled = {c["value"]: [] for c in classes}

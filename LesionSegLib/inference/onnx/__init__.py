@@ -20,11 +20,11 @@ Whether onnxruntime is faster than torch depends on the network: see docs/onnx.m
 """
 from __future__ import annotations
 
-from .common import (DEFAULT_OPSET, INPUT_NAME, METADATA_PREFIX, OUTPUT_NAME, OnnxError, available, card_with_preset,
+from .common import (DEFAULT_OPSET, INPUT_NAME, METADATA_PREFIX, OUTPUT_NAME, OnnxError, available,
                      check_size, default_size, input_channels, resolve_network, with_metadata)
 from .export import export, export_bytes, metadata, read_metadata, weights_digest
 from .session import OnnxSession, create_runner
 
-__all__ = ["OnnxError", "OnnxSession", "available", "card_with_preset", "check_size", "create_runner",
+__all__ = ["OnnxError", "OnnxSession", "available", "check_size", "create_runner",
            "default_size", "export", "export_bytes", "input_channels", "metadata", "read_metadata",
            "resolve_network", "weights_digest", "with_metadata", "DEFAULT_OPSET", "INPUT_NAME", "METADATA_PREFIX", "OUTPUT_NAME"]

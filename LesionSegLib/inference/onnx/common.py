@@ -3,8 +3,6 @@ the error type, optional imports, and the network, card and input size of a sour
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 METADATA_PREFIX = "lesionseg."
@@ -37,61 +35,33 @@ def available() -> bool:
 
 
 # ------------------------------------------------------------------------- network
-def card_with_preset(name: str, preset: Optional[str]) -> Dict[str, Any]:
-    """The card of ``name`` with the task preset merged under ``"preset"``, the layout
-    :func:`LesionSegLib.checkpoint.save` writes, so checkpoints and ONNX files agree."""
-    from ... import models
-    c = models.card(name)
-    c["preset"] = models.preset(name, preset)
-    return c
+def resolve_network(model, *, preset: Optional[str] = None, checkpoint=None):
+    """``(module, name, card, provenance, config)`` from a registry name (random weights
+    unless ``checkpoint`` is given), a checkpoint path, a :class:`Checkpoint`, or an
+    ``nn.Module`` built by ``models.create`` — the resolver's answer
+    (:mod:`LesionSegLib.resolver`)."""
+    from ... import checkpoint as ckpt
+    from ... import resolver
+    source = model
+    if checkpoint is not None:
+        source = checkpoint if isinstance(checkpoint, ckpt.Checkpoint) else ckpt.load(
+            checkpoint, model=model if isinstance(model, str) else None, preset=preset)
+    try:
+        loaded = resolver.load_network(source, preset)
+    except ckpt.CheckpointError as e:
+        raise OnnxError(str(e)) from None
+    if loaded.is_onnx_file:
+        raise OnnxError(f"{source}: is already an ONNX graph")
+    if loaded.name is None or loaded.name in ckpt.BACKBONES:
+        raise OnnxError(f"{source}: not a segmentation network")
+    card = resolver.network_card(loaded.name, loaded.card, preset, loaded.provenance)
+    return loaded.model, loaded.name, card, loaded.provenance, dict(loaded.config or {})
 
 
 def _preset_input(card: Dict[str, Any]) -> Dict[str, Any]:
     spec = dict(card.get("input", {}))
     spec.update((card.get("preset") or {}).get("input", {}))
     return spec
-
-
-def resolve_network(model, *, preset: Optional[str] = None, checkpoint=None):
-    """``(module, name, card, provenance, config)`` from a registry name (random weights
-    unless ``checkpoint`` is given), a checkpoint path, a :class:`Checkpoint`, or an
-    ``nn.Module`` built by ``models.create``."""
-    from ... import checkpoint as ckpt
-    from ... import models
-    if checkpoint is not None:
-        ck = checkpoint if isinstance(checkpoint, ckpt.Checkpoint) else ckpt.load(checkpoint, model=model if isinstance(model, str) else None, preset=preset)
-        return _from_checkpoint(ck, preset)
-    if isinstance(model, ckpt.Checkpoint):
-        return _from_checkpoint(model, preset)
-    if isinstance(model, (str, os.PathLike)):
-        try:
-            name = models.registry_name(str(model))
-        except models.UnknownModelError:
-            if not Path(model).is_file():
-                raise
-            return _from_checkpoint(ckpt.load(model, preset=preset), preset)
-        preset_config = models.preset(name, preset).get("config", {}) if preset else {}
-        return (models.create(name, preset=preset), name, card_with_preset(name, preset),
-                {"weights": "random initialisation (no checkpoint given)"}, models.config(name, **preset_config))
-    name = getattr(model, "lesionseg_name", None)
-    if name is None:
-        raise OnnxError("the network was not built by LesionSegLib.models.create (no lesionseg_name); "
-                        "its inference output and card are unknown")
-    return model, name, card_with_preset(name, preset), {}, {}
-
-
-def _from_checkpoint(ck, preset):
-    from ... import models
-    if ck.kind == "backbone":
-        raise OnnxError(f"{ck.path}: is an ImageNet backbone file ({ck.name}), not a segmentation network")
-    card = dict(ck.card) if ck.card else models.card(ck.name)
-    # the checkpoint's preset unless the caller names another; official files carry none
-    if "preset" not in card or (preset and (card.get("preset") or {}).get("name") != preset):
-        card["preset"] = models.preset(ck.name, preset or (ck.provenance or {}).get("preset"))
-    prov = dict(ck.provenance)
-    if ck.path:
-        prov.setdefault("checkpoint", Path(ck.path).name)
-    return ck.model, ck.name, card, prov, dict(ck.config)
 
 
 def input_channels(card: Dict[str, Any], config: Optional[Dict[str, Any]] = None) -> int:
