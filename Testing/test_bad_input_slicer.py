@@ -122,7 +122,7 @@ def test_batch_refuses_cut_short_files_and_name_clashes_and_writes_only_whole_fi
                                  model="unet", checkpoint=unet_checkpoint, preset=PRESET, outputFormat="nii.gz")
     failed = {f["input"]: f["error"] for f in summary.failed}
     assert set(failed) == {str(b / "case.nii.gz"), str(a / "cut.nii.gz")}
-    assert "would overwrite that of" in failed[str(b / "case.nii.gz")]
+    assert "would have the same name" in failed[str(b / "case.nii.gz")]
     assert "cut short" in failed[str(a / "cut.nii.gz")]
     assert not (out / "cut_lesionseg.nii.gz").exists()
     assert [s["input"] for s in summary.succeeded] == [str(a / "case.nii.gz"), str(a / "inf.nrrd")]

@@ -467,3 +467,44 @@ def test_lseg_overlapping_classes_keep_every_voxel_with_the_default_overwrite_mo
     for c in classes:
         got = bridge.segment_mask(seg2, bridge.find_class_segment(seg2, c, "lseg"), vol)
         assert np.array_equal(got, masks[c["value"]] & drawing), c["name"]
+
+
+def test_cli_and_slicer_batches_write_the_same_lesion_table_and_summary(logic, unet_checkpoint, tmp_path):
+    """``lesionseg predict`` and the module's batch run one batch function: the same
+    inputs (a folder, earlier results in it skipped) give the same lesion rows and the
+    same succeeded/failed inputs."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+    image, _ = lesion_volume()
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    sitk.WriteImage(image, str(cases / "a.nii.gz"))
+    sitk.WriteImage(image[:, :, :6], str(cases / "b.nrrd"))
+    (cases / "broken.nrrd").write_text("NRRD0004\ngarbage")
+    sitk.WriteImage(sitk.Cast(image > 500, sitk.sitkUInt8), str(cases / "old_lesionseg.nii.gz"))  # an earlier result
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "LesionSegLib", "predict", str(cases), "-o", str(tmp_path / "cli"),
+                        "--checkpoint", str(unet_checkpoint), "--preset", PRESET, "--quiet"],
+                       capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                       timeout=240)
+    assert r.returncode == 1 and "broken.nrrd" in r.stderr
+    summary = logic.segmentFiles([cases], tmp_path / "slicer", model="unet", checkpoint=unet_checkpoint,
+                                 preset=PRESET, outputFormat="nii.gz")
+
+    def rows(folder):
+        with open(folder / "lesionseg-lesions.csv", newline="") as f:
+            return [dict(r) for r in csv.DictReader(f)]
+
+    def outcome(folder):
+        data = json.loads((folder / "lesionseg-summary.json").read_text())
+        return ([s["input"] for s in data["succeeded"]], [f["input"] for f in data["failed"]])
+
+    assert outcome(tmp_path / "cli") == outcome(tmp_path / "slicer") == (
+        [str(cases / "a.nii.gz"), str(cases / "b.nrrd")], [str(cases / "broken.nrrd")])
+    assert [s["input"] for s in summary.succeeded] == [str(cases / "a.nii.gz"), str(cases / "b.nrrd")]
+    cli_rows, slicer_rows = rows(tmp_path / "cli"), rows(tmp_path / "slicer")
+    assert cli_rows and {r["file"] for r in cli_rows} == {str(cases / "a.nii.gz"), str(cases / "b.nrrd")}
+    key = ("file", "class", "lesion", "voxels")
+    assert [tuple(r[k] for k in key) for r in cli_rows] == [tuple(r[k] for k in key) for r in slicer_rows]

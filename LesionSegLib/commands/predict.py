@@ -8,7 +8,11 @@ folder, atomically:
   give single-file MHA/NRRD);
 * with ``--probabilities``: ``<name>_prob<ext>`` (``_prob_<value>`` per class when there
   are several) — float32 for volumes, 8-bit (probability × 255) for PNG images;
-* ``<name>_lesions.csv``: one row per lesion (unless ``--no-csv``).
+* ``<name>_lesions.csv``: one row per lesion (unless ``--no-csv``);
+
+and for the whole batch ``lesionseg-lesions.csv`` (every file's lesions, unless
+``--no-csv``) and ``lesionseg-summary.json`` (succeeded and failed inputs), as the Slicer
+module's batch writes them (:mod:`LesionSegLib.inference.batch`).
 
 A file that fails is reported on one line (``lesionseg predict: FILE: reason``) and the
 others are still processed; the exit status is 1 when any failed.
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from ..validation import arg_type, device_arg, number, probability_arg
@@ -157,7 +160,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"lesionseg predict: error: {problem}", file=sys.stderr)
         return 1
     try:
-        return _run_files(predictor, files, problems, out_dir, args, window)
+        return _run_files(predictor, files, problems, out_dir, args, window, choice.description)
     finally:
         if created:  # a folder made for this run and left empty (every input failed) goes again
             try:
@@ -166,49 +169,70 @@ def run_predict(args: argparse.Namespace) -> int:
                 pass
 
 
-def _run_files(predictor, files, problems, out_dir: Path, args, window) -> int:
-    failed = 0
-    for path, reason in problems:
-        print(f"lesionseg predict: {path}: {reason}", file=sys.stderr)
-        failed += 1
-    inputs_resolved = {f.resolve() for f in files}
-    clashes = _name_clashes(files, args)
-    for path, other, name in clashes:
-        print(f"lesionseg predict: {path}: its results would have the same name ({name}) as those of {other}; "
-              f"segment the two into separate output folders", file=sys.stderr)
-        failed += 1
-    clashing = {id(c[0]) for c in clashes}
-    files_to_run = [f for f in files if id(f) not in clashing]
+class _FileWriter:
+    """What ``lesionseg predict`` makes of one file (:class:`LesionSegLib.inference.batch.FileSegmenter`)."""
+
+    def __init__(self, predictor, args, window, bar) -> None:
+        self.predictor, self.args, self.window, self.bar = predictor, args, window, bar
+
+    def output_names(self, path: Path):
+        from ..inference import io as lio
+        stem, ext = lio.split_ext(path)
+        return [f"{stem}_label{lio.output_ext(ext)}"] + ([] if self.args.no_csv else [f"{stem}_lesions.csv"])
+
+    def segment(self, path: Path, out_dir: Path, progress):
+        from ..inference.batch import FileResult
+        written, pred = _predict_file(self.predictor, path, out_dir, self.args, self.window, self.bar)
+        nonfinite = int(pred.info.get("nonfinite_voxels") or 0)
+        warnings = [f"{nonfinite} voxel(s) are NaN or infinite; they were left out of the intensity statistics "
+                    f"and read as the lowest intensity"] if nonfinite else []
+        return FileResult(written, pred, warnings)
+
+
+def _printer(bar):
+    from ..inference.batch import BatchReport
+
+    class Printer(BatchReport):
+        current = None
+
+        def started(self, path, number, total):
+            self.current = path
+            bar.start(f"[{number}/{total}] {path.name}")
+
+        def succeeded(self, path, result, seconds):
+            bar.end()
+            for w in result.warnings:
+                print(f"lesionseg predict: warning: {path}: {w}", file=sys.stderr)
+            n = len(result.prediction.lesions)
+            print(f"{path} -> {result.written[0]} ({n} lesion{'s' if n != 1 else ''}, {seconds:.1f} s)")
+
+        def failed(self, path, error):
+            bar.end()
+            print(f"lesionseg predict: {path}: {error}", file=sys.stderr)
+    return Printer()
+
+
+def _run_files(predictor, files, problems, out_dir: Path, args, window, weights: str) -> int:
+    from ..inference.batch import segment_files
     bar = _Bar(not args.quiet)
-    for n, path in enumerate(files_to_run, 1):
-        bar.start(f"[{n}/{len(files_to_run)}] {path.name}")
-        t0 = time.perf_counter()
-        try:
-            written, lesions, nonfinite = _predict_file(predictor, path, out_dir, args, window, bar,
-                                                        inputs_resolved)
-        except KeyboardInterrupt:
-            bar.end()
-            print(f"lesionseg predict: interrupted at {path}", file=sys.stderr)
-            return 130
-        except Exception as e:  # one bad file must not stop the others
-            bar.end()
-            msg = " ".join(str(e).split()) or type(e).__name__
-            print(f"lesionseg predict: {path}: {msg}", file=sys.stderr)
-            failed += 1
-            continue
+    report = _printer(bar)
+    settings = {"model": predictor.name, "preset": predictor.preset, "weights": weights}
+    try:
+        summary = segment_files(files, out_dir, _FileWriter(predictor, args, window, bar), problems=problems,
+                                settings=settings, lesion_table=not args.no_csv, summary_without_results=False,
+                                report=report)
+    except KeyboardInterrupt:
         bar.end()
-        if nonfinite:
-            print(f"lesionseg predict: warning: {path}: {nonfinite} voxel(s) are NaN or infinite; they were left "
-                  f"out of the intensity statistics and read as the lowest intensity", file=sys.stderr)
-        print(f"{path} -> {written[0]} ({lesions} lesion{'s' if lesions != 1 else ''}, "
-              f"{time.perf_counter() - t0:.1f} s)")
-    if failed:
-        print(f"lesionseg predict: {failed} of {len(files) + len(problems)} input(s) failed", file=sys.stderr)
+        print(f"lesionseg predict: interrupted at {report.current}", file=sys.stderr)
+        return 130
+    if summary.failed:
+        print(f"lesionseg predict: {len(summary.failed)} of {len(files) + len(problems)} input(s) failed",
+              file=sys.stderr)
         return 1
     return 0
 
 
-def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar, inputs_resolved):
+def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar):
     import numpy as np
     import SimpleITK as sitk
     from ..inference import io as lio
@@ -217,10 +241,6 @@ def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar, input
     image = lio.read_image(path)
     stem, ext = lio.split_ext(path)
     oext = lio.output_ext(ext)
-    targets = {"label": out_dir / f"{stem}_label{oext}"}
-    for t in targets.values():
-        if t.resolve() in inputs_resolved:
-            raise InputError(f"the output {t} would overwrite an input file; choose another output folder")
     dim = image.GetDimension()
     if dim == 3:
         if args.mode == "tile":
@@ -241,7 +261,7 @@ def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar, input
     else:
         raise InputError(f"{dim}-D images are not supported (2-D images and 3-D volumes)")
 
-    written = [lio.write_image(label_img, targets["label"])]
+    written = [lio.write_image(label_img, out_dir / f"{stem}_label{oext}")]
     if args.probabilities and pred.probabilities is not None:
         several = len(pred.classes) > 1
         for c, cls in enumerate(pred.classes):
@@ -255,7 +275,7 @@ def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar, input
     if not args.no_csv:
         written.append(lio.write_text(lio.lesions_csv(pred.lesions, path.name, pred.classes),
                                       out_dir / f"{stem}_lesions.csv"))
-    return written, len(pred.lesions), int(pred.info.get("nonfinite_voxels") or 0)
+    return written, pred
 
 
 def _output_folder_problem(out_dir: Path):
@@ -268,21 +288,3 @@ def _output_folder_problem(out_dir: Path):
     except OSError as e:
         return f"cannot write into the output folder {out_dir}: {e.strerror or e}"
     return None
-
-
-def _name_clashes(files, args):
-    """[(file, earlier file, output name)] for inputs whose results would overwrite
-    those of an earlier input (same name in another folder, or case.png and case.jpg)."""
-    from ..inference import io as lio
-    seen = {}
-    clashes = []
-    for path in files:
-        stem, ext = lio.split_ext(path)
-        names = [f"{stem}_label{lio.output_ext(ext)}"] + ([] if args.no_csv else [f"{stem}_lesions.csv"])
-        hit = next((n for n in names if n.casefold() in seen), None)
-        if hit is not None:
-            clashes.append((path, seen[hit.casefold()], hit))
-            continue
-        for n in names:
-            seen[n.casefold()] = path
-    return clashes

@@ -36,7 +36,8 @@ def output_ext(input_ext: str) -> str:
 def list_inputs(paths: Sequence[str], recursive: bool = False,
                 exclude: Iterable[Path] = ()) -> Tuple[List[Path], List[Tuple[str, str]]]:
     """Files to process from files and folders: (files, [(path, reason)] for unusable
-    arguments). Folders give their supported files in name order; ``exclude`` folders
+    arguments). Folders give their supported files in name order, without segmentations
+    (``.seg.nrrd``) and the Slicer batch's ``*_lesionseg.*`` results; ``exclude`` folders
     (the output folder) are skipped, so results are not taken for inputs."""
     exclude = [Path(e).resolve() for e in exclude]
     files, problems = [], []
@@ -45,7 +46,7 @@ def list_inputs(paths: Sequence[str], recursive: bool = False,
         if p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()
             found = sorted(f for f in it if f.is_file() and not f.name.startswith(".")
-                           and split_ext(f)[1] in SUPPORTED_EXTS
+                           and split_ext(f)[1] in SUPPORTED_EXTS and not _is_result(f.name)
                            and not any(f.resolve().is_relative_to(e) for e in exclude))
             if not found:
                 problems.append((str(p), "folder holds no NIfTI, NRRD, MHA, PNG or JPEG file"))
@@ -55,6 +56,11 @@ def list_inputs(paths: Sequence[str], recursive: bool = False,
         else:
             problems.append((str(p), "no such file or folder"))
     return files, problems
+
+
+def _is_result(name: str) -> bool:
+    name = name.lower()
+    return name.endswith(".seg.nrrd") or "_lesionseg." in name
 
 
 def read_image(path):
