@@ -67,17 +67,11 @@ def list_cases(folder: Path, extensions) -> Dict[str, Path]:
 def _read_whole(path: Path):
     """SimpleITK image of a file that is complete (a file cut short is refused even where
     ITK would fill the gap with zeros)."""
-    import SimpleITK as sitk
-    from ..inference.io import itk_reason
-    from ..validation import check_complete
+    from ..inference.io import read_image
     try:
-        img = sitk.ReadImage(str(path))
-        check_complete(path)
-    except RuntimeError as e:
-        raise EvaluationInputError(f"{path}: cannot read it as an image ({itk_reason(e)})") from None
-    except (OSError, ValueError) as e:
+        return read_image(path, "it as an image")
+    except ValueError as e:
         raise EvaluationInputError(f"{path}: {e}") from None
-    return img
 
 
 def read_labels(path) -> "object":

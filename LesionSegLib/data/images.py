@@ -39,22 +39,23 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _sitk():
-    import SimpleITK as sitk
-    return sitk
+def _read(path: Path, what: str):
+    """SimpleITK image of a training file (:func:`LesionSegLib.inference.io.read_image`),
+    or a :class:`DataError` naming the file."""
+    from ..inference.io import read_image
+    try:
+        return read_image(path, what, verify=False)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def read_image(path, grey_if_equal: bool = False) -> np.ndarray:
     """Pixels of a 2D image: (H, W) grey or (H, W, C) colour, in the file's dtype; alpha
     is dropped. ``grey_if_equal``: an RGB image whose channels are all equal (grey saved
     as RGB) comes back grey, for grey networks. Raises :class:`DataError` naming the file."""
-    sitk = _sitk()
+    import SimpleITK as sitk
     path = Path(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise DataError(f"{path}: cannot read the image ({first})") from None
+    img = _read(path, "the image")
     if img.GetDimension() == 3 and img.GetSize()[2] == 1:  # some TIFF writers add a z of 1
         img = img[:, :, 0]
     if img.GetDimension() != 2:
@@ -71,14 +72,14 @@ def read_image(path, grey_if_equal: bool = False) -> np.ndarray:
 
 def image_size(path) -> Tuple[int, int]:
     """(H, W) from the file header only (fast size checks before training)."""
-    sitk = _sitk()
+    import SimpleITK as sitk
+    from ..inference.io import itk_reason
     r = sitk.ImageFileReader()
     r.SetFileName(str(path))
     try:
         r.ReadImageInformation()
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise DataError(f"{path}: cannot read the image ({first})") from None
+        raise DataError(f"{path}: cannot read the image ({itk_reason(e)})") from None
     size = r.GetSize()
     return int(size[1]), int(size[0])
 
@@ -128,13 +129,9 @@ def _palette_indices(rgb: np.ndarray, palette: np.ndarray, path) -> np.ndarray:
 
 def read_mask(path, classes: Sequence[Dict] = (), n_classes: int = 1) -> np.ndarray:
     """Class-index map (H, W) int64 of a mask file (0 background, 1…n_classes)."""
+    import SimpleITK as sitk
     path = Path(path)
-    sitk = _sitk()
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise DataError(f"{path}: cannot read the mask ({first})") from None
+    img = _read(path, "the mask")
     if img.GetDimension() == 3 and img.GetSize()[2] == 1:
         img = img[:, :, 0]
     arr = sitk.GetArrayFromImage(img)

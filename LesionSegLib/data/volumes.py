@@ -143,12 +143,11 @@ class VolumeCase:
 
 
 def _read(path: Path, what: str):
-    import SimpleITK as sitk
+    from ..inference.io import read_image
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise DataError(f"{path}: cannot read the {what} ({first})") from None
+        return read_image(path, f"the {what}", verify=False)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def canonical(img):

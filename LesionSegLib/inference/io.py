@@ -63,12 +63,15 @@ def _is_result(name: str) -> bool:
     return name.endswith(".seg.nrrd") or "_lesionseg." in name
 
 
-def read_image(path):
-    """SimpleITK image of a file, or an :class:`InputError` naming the file and the reason.
+def read_image(path, what: str = "the image", *, verify: bool = True):
+    """SimpleITK image of a file, or an :class:`InputError` with the reason (callers
+    name the file): the one image reader of LesionSeg, for predictions, training data,
+    evaluation and Slicer's fallback.
 
-    A file cut short or with damaged compressed data is refused even where ITK would
-    fill the gap with zeros (``.nii.gz``, ``.nii``, JPEG, BMP), and so is a header whose
-    spacing or orientation is not usable."""
+    ``verify`` (for files users give): a file cut short or with damaged compressed data
+    is refused even where ITK would fill the gap with zeros (``.nii.gz``, ``.nii``, JPEG,
+    BMP), and so is a header whose spacing or orientation is not usable. Training reads
+    the same files every epoch and leaves it off (it would decompress each file twice)."""
     import SimpleITK as sitk
     from ..validation import check_complete, check_geometry
     path = Path(path)
@@ -78,12 +81,14 @@ def read_image(path):
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        raise InputError(f"cannot read the image ({itk_reason(e)})") from None
+        raise InputError(f"cannot read {what} ({itk_reason(e)})") from None
+    if not verify:
+        return image
     try:
         check_complete(path)
-        check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), "the image")
+        check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), what)
     except OSError as e:
-        raise InputError(f"cannot read the image ({e.strerror or e})") from None
+        raise InputError(f"cannot read {what} ({e.strerror or e})") from None
     except ValueError as e:
         raise InputError(str(e)) from None
     return image

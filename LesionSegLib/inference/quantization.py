@@ -159,8 +159,8 @@ def calibration_items(source, limit: int = MAX_CALIBRATION) -> List[Any]:
         if isinstance(it, (str, os.PathLike)):
             p = Path(it)
             if is_volume_file(p) and not is_image_file(p):
-                import SimpleITK as sitk
-                it = sitk.ReadImage(str(p))
+                from .io import read_image as read_file
+                it = read_file(p, verify=False)
             else:
                 it = read_image(p)
         out.append(it)

@@ -515,11 +515,11 @@ def load_volume(scene, path, name: Optional[str] = None, labelmap: bool = False)
         return node
     scene.RemoveNode(node)
     scene.RemoveNode(storage)
-    import SimpleITK as sitk
+    from ..inference.io import read_image
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise BridgeError(f"{path}: Slicer could not read this image file") from None
+        image = read_image(path)
+    except ValueError as e:
+        raise BridgeError(f"{path}: Slicer could not read this image file: {e}") from None
     if image.GetDimension() not in (2, 3):
         raise BridgeError(f"{path}: a {image.GetDimension()}D image; volumes are 2D or 3D")
     return sitk_to_volume(image, scene, name or stem(path),
