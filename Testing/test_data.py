@@ -160,7 +160,7 @@ def test_colour_mask_maps_class_colours_and_names_unknown_colours(tmp_path):
 # ------------------------------------------------------------------ errors before training
 def _source(pairs, model="unet", preset=None, **cfg):
     from LesionSegLib import models
-    from LesionSegLib.data.dataset import FolderSource, target_spec
+    from LesionSegLib.data.sources import FolderSource, target_spec
     pre = models.preset(model, preset)
     return FolderSource(pairs, pre["input"], target_spec(model, pre, cfg))
 

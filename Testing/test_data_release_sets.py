@@ -13,7 +13,8 @@ import torch
 
 from LesionSegLib import models
 from LesionSegLib.data import DataError, folder_pairs
-from LesionSegLib.data.dataset import FolderSource, SegmentationDataset, target_spec
+from LesionSegLib.data.dataset import SegmentationDataset
+from LesionSegLib.data.sources import FolderSource, target_spec
 from LesionSegLib.data.folders import class_mask_pairs, has_class_masks
 from LesionSegLib.data.splits import explicit_split
 from LesionSegLib.training.data_prep import class_suffixes, prepare_data

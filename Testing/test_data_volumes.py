@@ -9,8 +9,8 @@ import torch
 
 from LesionSegLib import models
 from LesionSegLib.data import DataError, load_case, volume_pairs
-from LesionSegLib.data.dataset import (EpochBatchSampler, FolderSource, SegmentationDataset, VolumeSource, collate,
-                                       target_spec)
+from LesionSegLib.data.dataset import EpochBatchSampler, SegmentationDataset, collate
+from LesionSegLib.data.sources import FolderSource, VolumeSource, target_spec
 from LesionSegLib.data.folders import ImagePair
 
 from conftest import SHARED_DATA

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from LesionSegLib.inference import agreement as ag
 from LesionSegLib.inference import quantization as q
 from LesionSegLib.inference import runtime
 
@@ -93,19 +94,19 @@ def test_int8_format_keeps_7_bit_weights_without_vnni():
 def test_compare_masks_dice_and_lesion_counts():
     a = np.zeros((1, 20, 20), bool)
     a[0, 2:6, 2:6] = True                                    # one lesion of 16
-    same = q.compare_masks([a], [a.copy()])
+    same = ag.compare_masks([a], [a.copy()])
     assert same["dice"] == 1.0 and same["count_mismatches"] == 0 and same["lesions"] == 1
     b = a.copy()
     b[0, 4, 2:6] = False                                     # split in two, 12 pixels
-    rep = q.compare_masks([a, a], [a, b])
+    rep = ag.compare_masks([a, a], [a, b])
     assert rep["dice"] == pytest.approx(2 * (16 + 12) / (32 + 28))
     assert rep["min_dice"] == pytest.approx(24 / 28) and rep["count_mismatches"] == 1
-    assert not q.agrees(rep) and q.agrees(same)
+    assert not ag.agrees(rep) and ag.agrees(same)
     empty = np.zeros((1, 5, 5), bool)
-    assert q.compare_masks([empty], [empty])["dice"] == 1.0
+    assert ag.compare_masks([empty], [empty])["dice"] == 1.0
     logits = np.array([[[[-1.0, 0.5]]]], np.float32)        # sigmoid threshold 0.5 ⇔ logit 0
     card = {"outputs": {"activation": "sigmoid", "threshold": 0.5}}
-    assert q.masks_from_logits(logits, card).tolist() == [[[[False, True]]]]
+    assert ag.masks_from_logits(logits, card).tolist() == [[[[False, True]]]]
 
 
 @pytest.mark.skipif(not (DEMO_MODEL.is_file() and DEMO_DWI.is_file()), reason="demo weights or DWI absent")
@@ -121,7 +122,7 @@ def test_int8_and_bf16_agree_with_fp32_on_the_demo_stroke_case(tmp_path):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rep = q.agreement(str(DEMO_MODEL), [dwi], ("int8", "bf16"), calibration=[dwi], cache=cache)
+        rep = ag.agreement(str(DEMO_MODEL), [dwi], ("int8", "bf16"), calibration=[dwi], cache=cache)
     assert rep["fp32"]["seconds"] > 0
     for p in ("int8", "bf16"):
         assert rep[p]["images"] == 1 and rep[p]["lesions"] > 0
@@ -142,9 +143,9 @@ def test_int8_and_bf16_agree_with_fp32_on_the_demo_stroke_case(tmp_path):
         warnings.simplefilter("always")
         p8 = Predictor(str(DEMO_MODEL), device="cpu", precision="int8", cache_dir=cache)  # from the cache
         assert p8.precision == "int8" and p8.backend == "onnxruntime"
-        masks = q.prediction_masks(p8, dwi)
-    assert any(issubclass(w.category, q.PrecisionWarning) for w in caught) == (not q.agrees(held))
+        masks = ag.prediction_masks(p8, dwi)
+    assert any(issubclass(w.category, ag.PrecisionWarning) for w in caught) == (not ag.agrees(held))
     assert p8.runner.session.records[(1, 112, 112)]["cache_file"] == str(graph)
-    ref = q.prediction_masks(Predictor(str(DEMO_MODEL), device="cpu", precision="fp32"), dwi)
-    again = q.compare_masks([ref], [masks])
+    ref = ag.prediction_masks(Predictor(str(DEMO_MODEL), device="cpu", precision="fp32"), dwi)
+    again = ag.compare_masks([ref], [masks])
     assert again["dice"] == pytest.approx(rep["int8"]["dice"])      # the cached graph is the same graph

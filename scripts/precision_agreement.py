@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
     from LesionSegLib.checkpoint import load
-    from LesionSegLib.inference import quantization as q
+    from LesionSegLib.inference import agreement as q
     from LesionSegLib.inference import runtime
     torch.set_num_threads(args.threads)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]

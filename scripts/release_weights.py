@@ -112,7 +112,7 @@ def main() -> int:
     if feats["native_bf16"] and args.agreement_images:
         # what lets precision="auto" use bf16 with these weights (runtime.keep_masks)
         from LesionSegLib.data.images import read_image
-        from LesionSegLib.inference import quantization as q
+        from LesionSegLib.inference import agreement as q
         some = pairs[:: max(1, len(pairs) // args.agreement_images)][: args.agreement_images]
         rep = q.agreement(shipped, [read_image(p.image) for p in some], ["bf16"])["bf16"]
         agreement = {"bf16": {k: rep[k] for k in ("dice", "min_dice", "count_mismatches", "images", "agrees")},

@@ -18,8 +18,8 @@ from .folders import ImagePair, case_ids, detect_layout, folder_pairs
 from .splits import case_split, kfold_splits
 from .volumes import VolumeCase, VolumePair, load_case, volume_pairs
 
-_LAZY = {"SegmentationDataset": "dataset", "FolderSource": "dataset", "VolumeSource": "dataset",
-         "EpochBatchSampler": "dataset", "TargetSpec": "dataset", "target_spec": "dataset", "warp": "dataset",
+_LAZY = {"SegmentationDataset": "dataset", "FolderSource": "sources", "VolumeSource": "sources",
+         "EpochBatchSampler": "dataset", "TargetSpec": "sources", "target_spec": "sources", "warp": "dataset",
          "read_image": "images", "read_mask": "images", "derive_edge": "images", "mask_to_label": "images"}
 
 __all__ = ["DataError", "ImagePair", "VolumeCase", "VolumePair", "case_ids", "case_split", "detect_layout",

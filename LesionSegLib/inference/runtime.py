@@ -178,7 +178,7 @@ def keep_masks(selected: Tuple[str, Optional[torch.dtype]], requested: str, devi
     name, dtype = selected
     if (requested or "auto").strip().lower() != "auto" or device.type != "cpu" or name != "bf16":
         return name, dtype, ""
-    from .quantization import agrees
+    from .agreement import agrees
     record = ((provenance or {}).get("precision_agreement") or {}).get("bf16")
     if not record or agrees(record):
         return name, dtype, ""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..data import DataError
-from ..data.dataset import FolderSource, TargetSpec, VolumeSource
+from ..data.sources import FolderSource, TargetSpec, VolumeSource
 from ..data.folders import case_ids, case_table, class_mask_pairs, detect_layout, folder_pairs, has_class_masks
 from ..data.splits import case_split, explicit_split, kfold_splits
 from ..data.volumes import VolumeCase, VolumePair, is_volume_file, load_case, memory_case, volume_pairs

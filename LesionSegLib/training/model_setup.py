@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from .. import models
-from ..data.dataset import TargetSpec, target_spec
+from ..data.sources import TargetSpec, target_spec
 from .data_prep import input_spec_for
 from .recipes import RecipeError
 from .result import TrainingError

@@ -126,7 +126,7 @@ def evaluate_run(run_dir, limit: Optional[int] = None, progress=None) -> RunEval
     users get: the weights rounded to fp16 (the release format), computed in fp32 (the
     reference of every lower precision)."""
     from ..checkpoint import load
-    from ..data.dataset import target_spec
+    from ..data.sources import target_spec
     from ..inference import Predictor
     from .data_prep import folder_items
     run_dir = Path(run_dir)

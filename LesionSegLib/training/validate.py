@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from .. import models
-from ..data.dataset import TargetSpec, collate
+from ..data.dataset import collate
+from ..data.sources import TargetSpec
 from .distributed import DistEnv
 
 

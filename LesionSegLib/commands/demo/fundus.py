@@ -61,7 +61,7 @@ def _number(v):
 def run_fundus(folder: Optional[Path], case: str, out: Path, device: str) -> Optional[dict]:
     """Segment ``case`` of the IDRiD folder; returns the summary, or None when skipped."""
     from ... import models, releases
-    from ...data.dataset import target_spec
+    from ...data.sources import target_spec
     from ...data.folders import class_mask_pairs
     from ...inference import Predictor
     from ...inference.io import write_text

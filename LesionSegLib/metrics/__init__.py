@@ -59,11 +59,14 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .common import NAN, GeometryError, MetricsError, _as_array
+from .distances import _distance_metrics, _mask_image, lesion_detection, surface_distances
+from .overlap import aupr, aupr_from_counts, dice_iou, score_counts
+
 __all__ = ["dice_iou", "aupr", "score_counts", "aupr_from_counts", "lesion_detection", "surface_distances",
            "evaluate_case", "summarize", "check_geometry", "geometry_text", "MetricsError", "GeometryError",
            "CASE_METRICS"]
 
-NAN = float("nan")
 
 #: per-class values evaluate_case returns, in CSV order
 CASE_METRICS = ("dice", "iou", "sensitivity", "specificity", "precision", "hd95", "assd", "hausdorff", "aupr",
@@ -73,97 +76,6 @@ CASE_METRICS = ("dice", "iou", "sensitivity", "specificity", "precision", "hd95"
 #: averaged in summaries (the counts are summed instead)
 MEAN_METRICS = ("dice", "iou", "sensitivity", "specificity", "precision", "hd95", "assd", "hausdorff", "aupr",
                 "lesion_f1", "lesion_precision", "lesion_recall")
-
-
-class MetricsError(ValueError):
-    """Inputs that cannot be compared, with the reason."""
-
-
-class GeometryError(MetricsError):
-    """Prediction and reference are not on the same voxel grid."""
-
-
-# ------------------------------------------------------------------ batch Dice / IoU
-def dice_iou(pred, gt, spatial_dims: int = 2, empty: float = 1.0):
-    """Dice and IoU of boolean masks, per sample and channel, on torch or numpy.
-
-    ``pred`` and ``gt``: same shape (…, *spatial), bool or integer 0/1 (threshold
-    probabilities first: float input is refused so a probability map is never silently
-    binarised at 0). The last ``spatial_dims`` axes are reduced: (B, K, H, W) gives
-    (B, K). Torch tensors stay on their device (no host sync); numpy gives float64 arrays.
-    Where both masks are empty the result is ``empty`` (1.0, as :func:`evaluate_case`).
-    """
-    if tuple(pred.shape) != tuple(gt.shape):
-        raise MetricsError(f"dice_iou: prediction shape {tuple(pred.shape)} != reference shape {tuple(gt.shape)}")
-    if pred.ndim < spatial_dims:
-        raise MetricsError(f"dice_iou: need at least {spatial_dims} spatial dims, got shape {tuple(pred.shape)}")
-    dims = tuple(range(pred.ndim - spatial_dims, pred.ndim))
-    if hasattr(pred, "is_floating_point"):  # torch
-        import torch
-        for t, what in ((pred, "prediction"), (gt, "reference")):
-            if t.is_floating_point():
-                raise MetricsError(f"dice_iou: {what} is {t.dtype}; pass boolean masks (threshold first)")
-        p, g = pred.bool(), gt.bool()
-        inter = (p & g).sum(dim=dims).double()
-        total = p.sum(dim=dims).double() + g.sum(dim=dims).double()
-        union = total - inter
-        fill = torch.full_like(total, float(empty))
-        dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), fill)
-        iou = torch.where(union > 0, inter / union.clamp_min(1), fill)
-        return dice, iou
-    p, g = np.asarray(pred), np.asarray(gt)
-    for a, what in ((p, "prediction"), (g, "reference")):
-        if np.issubdtype(a.dtype, np.floating):
-            raise MetricsError(f"dice_iou: {what} is {a.dtype}; pass boolean masks (threshold first)")
-    p, g = p.astype(bool), g.astype(bool)
-    inter = np.logical_and(p, g).sum(axis=dims, dtype=np.float64)
-    total = p.sum(axis=dims, dtype=np.float64) + g.sum(axis=dims, dtype=np.float64)
-    union = total - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), float(empty))
-        iou = np.where(union > 0, inter / np.maximum(union, 1), float(empty))
-    return dice, iou
-
-
-# ---------------------------------------------------------------------------- AUPR
-def score_counts(probabilities, gt) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct scores (ascending) with the number of positive and negative voxels at
-    each: everything the precision–recall curve depends on. Counts of several cases can
-    be pooled with :func:`aupr_from_counts` without keeping their voxels."""
-    s = np.asarray(probabilities, dtype=np.float64).ravel()
-    y = np.asarray(gt).ravel()
-    if s.shape != y.shape:
-        raise MetricsError(f"aupr: {s.size} scores for {y.size} reference voxels")
-    if s.size and not np.isfinite(s).all():
-        raise MetricsError("aupr: the probabilities contain NaN or infinite values")
-    values, inverse = np.unique(s, return_inverse=True)
-    pos = np.bincount(inverse, weights=y.astype(bool), minlength=values.size)
-    total = np.bincount(inverse, minlength=values.size)
-    return values, pos, total - pos
-
-
-def aupr_from_counts(values, pos, neg) -> float:
-    """Average precision from (possibly concatenated, unsorted, repeated) score counts."""
-    values, pos, neg = np.asarray(values, np.float64), np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    if values.size == 0:
-        return NAN
-    uniq, inverse = np.unique(values, return_inverse=True)
-    pos = np.bincount(inverse, weights=pos, minlength=uniq.size)[::-1]  # descending score
-    neg = np.bincount(inverse, weights=neg, minlength=uniq.size)[::-1]
-    total_pos = pos.sum()
-    if total_pos == 0:
-        return NAN  # recall undefined: no reference voxel of the class
-    tp, fp = np.cumsum(pos), np.cumsum(neg)
-    precision = tp / (tp + fp)
-    recall = tp / total_pos
-    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
-
-
-def aupr(probabilities, gt) -> float:
-    """Area under the precision–recall curve (exact step-wise average precision, as
-    scikit-learn's ``average_precision_score``): ``Σ_n (R_n − R_{n−1}) P_n`` with one
-    step per distinct score (tied scores form one threshold). NaN when ``gt`` is empty."""
-    return aupr_from_counts(*score_counts(probabilities, gt))
 
 
 # --------------------------------------------------------------- images, geometry
@@ -207,17 +119,6 @@ def _spacing_of(image, spacing, ndim) -> Tuple[float, ...]:
     return tuple(float(s) for s in reversed(tuple(spacing)))  # given as (x, y[, z]) like SimpleITK
 
 
-def _as_array(x) -> np.ndarray:
-    if isinstance(x, sitk.Image):
-        if x.GetNumberOfComponentsPerPixel() != 1:
-            raise MetricsError(f"a label image must have one component per voxel, this one has "
-                               f"{x.GetNumberOfComponentsPerPixel()}")
-        return sitk.GetArrayViewFromImage(x)
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _masks(source, classes: Sequence[int], shape) -> Dict[int, np.ndarray]:
     if isinstance(source, Mapping):
         out = {}
@@ -227,93 +128,6 @@ def _masks(source, classes: Sequence[int], shape) -> Dict[int, np.ndarray]:
         return out
     arr = _as_array(source)
     return {c: arr == c for c in classes}
-
-
-def _mask_image(mask: np.ndarray, spacing_zyx: Sequence[float], pad: int = 0) -> sitk.Image:
-    if pad:
-        mask = np.pad(mask, pad)
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    img.SetSpacing(tuple(reversed(spacing_zyx)))
-    return img
-
-
-# ------------------------------------------------------------------- distances
-def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float]):
-    """(distances of the surface voxels of ``pred`` to the surface of ``gt``, and of
-    ``gt``'s to ``pred``'s) in mm; ``spacing_zyx`` in numpy axis order. Both masks must be
-    non-empty."""
-    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-    if not pred.any() or not gt.any():
-        raise MetricsError("surface distances need two non-empty masks")
-    # one voxel of background around, so that border-touching objects have a surface there
-    p_img, g_img = _mask_image(pred, spacing_zyx, pad=1), _mask_image(gt, spacing_zyx, pad=1)
-    p_surface, g_surface = _surface(p_img), _surface(g_img)
-    p_mask = sitk.GetArrayFromImage(p_surface).astype(bool)
-    g_mask = sitk.GetArrayFromImage(g_surface).astype(bool)
-    return _distance_to(g_surface)[p_mask], _distance_to(p_surface)[g_mask]
-
-
-def _surface(mask_img: sitk.Image) -> sitk.Image:
-    """Object voxels with a face-neighbour in the background (fullyConnected=False: a voxel
-    whose background neighbours are all diagonal is not on the surface)."""
-    return sitk.LabelContour(mask_img, fullyConnected=False)
-
-
-def _distance_to(surface_img: sitk.Image) -> np.ndarray:
-    """Distance (mm) of every voxel to the nearest voxel of ``surface_img``.
-
-    The Maurer map of the *surface* image, clipped at 0: outside the surface set it is the
-    distance to the nearest surface voxel, on it ≤ 0. (The Maurer map of the object itself
-    would measure inside points to ITK's own, fully connected contour, a different
-    surface than the one the distances start from.)"""
-    d = sitk.SignedMaurerDistanceMap(surface_img, insideIsPositive=False, squaredDistance=False,
-                                     useImageSpacing=True)
-    return np.maximum(sitk.GetArrayFromImage(d), 0.0)
-
-
-def _distance_metrics(pred, gt, spacing_zyx) -> Dict[str, float]:
-    p_any, g_any = bool(pred.any()), bool(gt.any())
-    if not p_any and not g_any:
-        return {"hd95": 0.0, "assd": 0.0, "hausdorff": 0.0}
-    if p_any != g_any:
-        return {"hd95": NAN, "assd": NAN, "hausdorff": NAN}
-    d_pg, d_gp = surface_distances(pred, gt, spacing_zyx)
-    hd = sitk.HausdorffDistanceImageFilter()
-    hd.Execute(_mask_image(pred, spacing_zyx), _mask_image(gt, spacing_zyx))
-    return {"hd95": float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95))),
-            "assd": float((d_pg.sum() + d_gp.sum()) / (d_pg.size + d_gp.size)),
-            "hausdorff": float(hd.GetHausdorffDistance())}
-
-
-# ---------------------------------------------------------------------- detection
-def _components(mask: np.ndarray, fully_connected: bool) -> Tuple[np.ndarray, int]:
-    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), fully_connected)
-    arr = sitk.GetArrayFromImage(cc)
-    return arr, int(arr.max()) if arr.size else 0
-
-
-def lesion_detection(pred, gt, *, fully_connected: bool = True, min_overlap: int = 1) -> Dict[str, float]:
-    """Lesion-wise detection of one class from boolean masks (arrays or images): see the
-    module docstring for the rule. Returns tp, fp, fn, precision, recall, f1 and the
-    lesion counts ``reference`` and ``predicted``."""
-    p = _as_array(pred).astype(bool)
-    g = _as_array(gt).astype(bool)
-    if p.shape != g.shape:
-        raise MetricsError(f"lesion_detection: prediction shape {p.shape} != reference shape {g.shape}")
-    g_cc, n_g = _components(g, fully_connected)
-    p_cc, n_p = _components(p, fully_connected)
-    overlap_per_gt = np.bincount(g_cc[p], minlength=n_g + 1)[1:]           # predicted voxels in each GT lesion
-    tp = int(np.count_nonzero(overlap_per_gt >= min_overlap))
-    overlap_per_pred = np.bincount(p_cc[g], minlength=n_p + 1)[1:]         # GT voxels in each predicted component
-    matched_pred = int(np.count_nonzero(overlap_per_pred >= min_overlap))
-    fp = n_p - matched_pred
-    fn = n_g - tp
-    if n_g == 0 and n_p == 0:
-        f1 = 1.0
-    else:
-        f1 = 2 * tp / (2 * tp + fp + fn)
-    return {"tp": tp, "fp": fp, "fn": fn, "reference": n_g, "predicted": n_p, "f1": f1,
-            "recall": tp / n_g if n_g else NAN, "precision": matched_pred / n_p if n_p else NAN}
 
 
 # ---------------------------------------------------------------------- per case
