@@ -12,7 +12,6 @@ through the PyTorch extension after the user agrees.
 import logging
 import os
 import sys
-import unittest
 
 
 def _addLibraryToPath():
@@ -36,8 +35,13 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 
 from LesionSegLib.slicer import torchsupport  # noqa: E402
 from LesionSegLib.slicer.logic import LesionSegLogic as _CoreLogic  # noqa: E402
+from LesionSegUI import jobs as _jobs  # noqa: E402
+from LesionSegUI.jobs import JobsPanel  # noqa: E402
+from LesionSegUI.panels import TrainingPanel, WeightsPanel  # noqa: E402
+from LesionSegUI.selftest import EffectsSelfTest  # noqa: E402
 
-POLL_MS = 100
+#: polls a worker job from a QTimer (the effects use ``LesionSeg.JobPoller``)
+JobPoller = _jobs.JobPoller
 
 
 class LesionSeg(ScriptedLoadableModule):
@@ -174,36 +178,6 @@ def fillWeightsCombo(combo, model, preset, current=""):
     combo.blockSignals(blocked)
 
 
-class JobPoller:
-    """Polls a worker job (``poll()`` never blocks) from a QTimer every POLL_MS and calls
-    ``progress(fraction, message)`` while it runs and ``finished(job)`` once."""
-
-    def __init__(self, job, progress, finished):
-        self.job, self._progress, self._finished = job, progress, finished
-        self.timer = qt.QTimer()
-        self.timer.setInterval(POLL_MS)
-        self.timer.connect("timeout()", self._tick)
-        self.timer.start()
-
-    def _tick(self):
-        try:
-            done = self.job.poll()
-        except Exception as e:   # never leave a timer firing on a broken job
-            logging.error(f"LesionSeg: polling the worker failed: {e}")
-            done = True
-        inner = getattr(self.job, "job", self.job)
-        self._progress(inner.fraction, inner.message)
-        if done:
-            self.stop()
-            self._finished(self.job)
-
-    def cancel(self):
-        self.job.cancel()
-
-    def stop(self):
-        self.timer.stop()
-
-
 class LesionSegLogic(ScriptedLoadableModuleLogic, _CoreLogic):
     """The Qt-free ``LesionSegLib.slicer.logic.LesionSegLogic`` on Slicer's scene.
 
@@ -219,7 +193,7 @@ class LesionSegLogic(ScriptedLoadableModuleLogic, _CoreLogic):
         _CoreLogic.__init__(self, scene=slicer.mrmlScene)
 
 
-class LesionSegWidget(ScriptedLoadableModuleWidget):
+class LesionSegWidget(ScriptedLoadableModuleWidget, JobsPanel, TrainingPanel, WeightsPanel):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic = None
@@ -353,68 +327,6 @@ class LesionSegWidget(ScriptedLoadableModuleWidget):
             "tta": self.ui.ttaCheckBox.checked,
         }
 
-    # ------------------------------------------------------------------ worker jobs
-
-    def startJob(self, kind, starter, *args, context=None, **kwargs):
-        """Start a worker job (``starter`` is one of the logic's ``start…Job``); a bad
-        request is reported at once and nothing starts."""
-        if self.poller is not None:
-            return
-        try:
-            job = starter(*args, **kwargs)
-        except Exception as e:
-            slicer.util.errorDisplay(str(e))
-            return
-        self.jobKind, self.jobContext = kind, context
-        bar = self.progressBar(kind)
-        bar.value = 0
-        bar.visible = True
-        self.poller = JobPoller(job, lambda f, m: self.onProgress(bar, f, m), self.onFinished)
-        self.updateButtons()
-
-    def progressBar(self, kind):
-        return {"segment": self.ui.progressBar, "batch": self.ui.batchProgressBar, "train": self.ui.trainProgressBar,
-                "download": self.ui.downloadProgressBar}[kind]
-
-    def onCancel(self):
-        if self.poller is not None:
-            self.poller.cancel()
-            self.ui.statusLabel.text = "cancelling…"
-
-    @staticmethod
-    def onProgress(bar, fraction, message):
-        bar.value = int(round(fraction * 100))
-        bar.format = f"%p%  {message}"
-
-    def onFinished(self, job):
-        kind, context = self.jobKind, self.jobContext
-        self.poller = self.jobKind = self.jobContext = None
-        self.progressBar(kind).visible = False
-        inner = getattr(job, "job", job)
-        try:
-            if inner.cancelled:
-                self.report(kind, "Cancelled; nothing was changed.")
-            elif inner.error is not None:
-                self.report(kind, f"Failed: {inner.error}")
-                slicer.util.errorDisplay(f"LesionSeg: {inner.error}")
-            else:
-                getattr(self, f"finish_{kind}")(job, context)
-        except Exception as e:
-            self.report(kind, f"Failed: {e}")
-            slicer.util.errorDisplay(f"LesionSeg: {e}")
-        finally:
-            inner.cleanup()   # the job's files (finishSegmentJob has read the result already)
-            self.updateButtons()
-
-    def report(self, kind, text):
-        if kind == "segment":
-            self.ui.statusLabel.text = text
-        elif kind == "batch":
-            self.ui.batchSummaryText.setPlainText(text)
-        elif kind == "train":
-            self.ui.trainLogText.appendPlainText(text)
-        else:
-            self.ui.statusLabel.text = text
 
     # ------------------------------------------------------------------ segment
 
@@ -464,349 +376,11 @@ class LesionSegWidget(ScriptedLoadableModuleWidget):
     def finish_batch(self, job, context):
         self.ui.batchSummaryText.setPlainText(job.result["text"])
 
-    # ------------------------------------------------------------------ training
 
-    def addPairRow(self, volume=None, segmentation=None):
-        table = self.ui.trainingPairsTable
-        row = table.rowCount
-        table.insertRow(row)
-        for col, (types, node) in enumerate(((["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"], volume),
-                                             (["vtkMRMLSegmentationNode"], segmentation))):
-            combo = slicer.qMRMLNodeComboBox()
-            combo.nodeTypes = types
-            combo.noneEnabled = False
-            combo.addEnabled = False
-            combo.removeEnabled = False
-            combo.setMRMLScene(slicer.mrmlScene)
-            if node is not None:
-                combo.setCurrentNode(node)
-            table.setCellWidget(row, col, combo)
-        self.updateButtons()
-
-    def onFindPairs(self):
-        """Each segmentation with its reference volume (the volume it was drawn on)."""
-        self.ui.trainingPairsTable.setRowCount(0)
-        for seg in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
-            volume = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
-            if volume is not None and volume.IsA("vtkMRMLScalarVolumeNode") and seg.GetSegmentation().GetNumberOfSegments():
-                self.addPairRow(volume, seg)
-        if self.ui.trainingPairsTable.rowCount == 0:
-            slicer.util.warningDisplay("No segmentation with a reference volume was found in the scene.")
-
-    def onRemovePairs(self):
-        rows = sorted({i.row() for i in self.ui.trainingPairsTable.selectedIndexes()}, reverse=True)
-        for r in rows:
-            self.ui.trainingPairsTable.removeRow(r)
-        self.updateButtons()
-
-    def trainingPairs(self):
-        table = self.ui.trainingPairsTable
-        pairs = []
-        for r in range(table.rowCount):
-            v, s = table.cellWidget(r, 0).currentNode(), table.cellWidget(r, 1).currentNode()
-            if v is not None and s is not None:
-                pairs.append((v, s))
-        return pairs
-
-    def onTrain(self):
-        if not ensureTorch():
-            return
-        model = self.ui.trainModelComboBox.currentData
-        preset = self.ui.trainPresetComboBox.currentData
-        pairs = self.trainingPairs()
-        epochs = self.ui.trainEpochsSpinBox.value or None
-        self.ui.trainLogText.appendPlainText(f"Training {model} ({preset}) on {len(pairs)} case(s)…")
-        # MRML is read on the main thread into files of the job; the worker process trains on them
-        self.startJob("train", self.logic.startTrainJob, pairs, self.ui.trainOutputPathLineEdit.currentPath,
-                      model=model, preset=preset, epochs=epochs, device=self.ui.trainDeviceComboBox.currentText,
-                      resume=self.ui.trainResumeCheckBox.checked)
-
-    def finish_train(self, job, context):
-        self.ui.trainLogText.appendPlainText(f"Finished. Best checkpoint: {job.result.get('best_checkpoint')} "
-                                             "(installed: choose it under Weights).")
-        self.refreshWeights()
-
-    # ------------------------------------------------------------------ weights
-
-    def refreshWeights(self):
-        from LesionSegLib import models
-        table = self.ui.weightsTable
-        entries = self.logic.installedWeights()
-        table.setRowCount(len(entries))
-        for r, e in enumerate(entries):
-            values = (models.card(e.model)["display_name"], e.preset or "", os.path.basename(e.path),
-                      f"{e.size / 1e6:.1f} MB", e.source)
-            for c, v in enumerate(values):
-                item = qt.QTableWidgetItem(v)
-                item.setData(qt.Qt.UserRole, e.id)
-                item.setToolTip(f"{e.path}\nSHA-256 {e.sha256}\ninstalled {e.installed}")
-                table.setItem(r, c, item)
-        self.ui.cacheDirLabel.text = str(self.logic.weightsCacheDir())
-        if hasattr(self.ui, "weightsComboBox"):
-            self.fillWeightsCombo()
-
-    def onImportWeights(self):
-        entry = importWeightsDialog(self.parent, self.model(), self.preset())
-        if entry is not None:
-            slicer.util.infoDisplay(f"Installed {entry.id}")
-            self.refreshWeights()
-
-    def onRemoveWeights(self):
-        ids = {self.ui.weightsTable.item(i.row(), 0).data(qt.Qt.UserRole)
-               for i in self.ui.weightsTable.selectedIndexes()}
-        if not ids or not slicer.util.confirmYesNoDisplay(f"Delete {len(ids)} installed weight file(s)?"):
-            return
-        for entry_id in ids:
-            self.logic.removeWeights(entry_id)
-        self.refreshWeights()
-
-    def onDownload(self):
-        if not ensureTorch():   # the downloaded file is checked by loading it
-            return
-        url = self.ui.downloadUrlLineEdit.text.strip()
-        sha = self.ui.downloadSha256LineEdit.text.strip()
-        self.startJob("download", self.logic.startDownloadJob, url, sha, model=None)
-
-    def finish_download(self, job, context):
-        self.ui.statusLabel.text = f"Installed {job.result['id']}"
-        self.refreshWeights()
-
-    def onOpenCache(self):
-        folder = self.logic.weightsCacheDir()
-        folder.mkdir(parents=True, exist_ok=True)
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
-
-    def onClearCache(self):
-        if not slicer.util.confirmYesNoDisplay(
-                f"Delete every installed weight file in\n{self.logic.weightsCacheDir()}?"):
-            return
-        freed = self.logic.clearWeightsCache()
-        slicer.util.infoDisplay(f"Freed {freed / 1e6:.1f} MB.")
-        self.refreshWeights()
-
-    def updateTorchStatus(self):
-        ok = torchAvailable()
-        self.ui.torchStatusLabel.text = "installed" if ok else "not installed"
-        self.ui.installTorchButton.enabled = not ok
-
-    def onInstallTorch(self):
-        ensureTorch()
-        self.updateTorchStatus()
-
-
-class LesionSegTest(ScriptedLoadableModuleTest):
+class LesionSegTest(EffectsSelfTest, ScriptedLoadableModuleTest):
     """Self-test in the real application (Self Tests module, or ctest ``py_LesionSeg``):
     a synthetic oblique volume with a bright lesion, a random-weight checkpoint of each
     network, and all five effects applied through a qMRMLSegmentEditorWidget — each
     result compared voxel for voxel with the logic's own prediction, then undone;
     masking, cancel and parameter storage checked on the way. Needs torch (skips
     itself, with a message, when it is not installed)."""
-
-    from LesionSegLib.slicer import EFFECTS as _EFFECTS
-    EFFECTS = tuple((name, model) for model, _cls, name, _title in _EFFECTS)
-
-    def setUp(self):
-        slicer.mrmlScene.Clear(0)
-
-    def requireTorch(self):
-        """Every test that runs a network starts with this: ctest calls test_* methods
-        directly (never runTest), so the guard must be in each of them."""
-        if not torchAvailable():
-            self.skipTest(f"LesionSeg: {torchsupport.installed_torch_problem()}; skipping the inference tests")
-
-    def runTest(self):
-        for test in (self.test_effects_registered, self.test_effects_apply_undo_mask_cancel, self.test_console_logic):
-            self.setUp()
-            try:
-                test()
-            except unittest.SkipTest as e:
-                self.delayDisplay(str(e))
-        self.delayDisplay("LesionSeg tests passed")
-
-    # -------------------------------------------------------------- helpers
-
-    def _volume(self, name="LesionSegTestVolume", size=(160, 160, 3)):
-        """Oblique, anisotropic volume with one bright ellipsoid lesion."""
-        import numpy as np
-        import vtk
-        nx, ny, nz = size
-        z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
-        lesion = ((x - 0.65 * nx) / 14.0) ** 2 + ((y - 0.4 * ny) / 10.0) ** 2 <= 1.0
-        arr = (100.0 + 20.0 * x / nx).astype("float32")
-        arr[lesion] = 400.0
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        slicer.util.updateVolumeFromArray(node, arr)
-        node.SetSpacing(0.8, 0.9, 3.0)
-        node.SetOrigin(12.5, -30.0, 47.0)
-        directions = vtk.vtkMatrix4x4()
-        transform = vtk.vtkTransform()
-        transform.RotateZ(30)
-        transform.RotateX(-15)
-        transform.GetMatrix(directions)
-        node.SetIJKToRASDirectionMatrix(directions)
-        node.CreateDefaultDisplayNodes()
-        return node, lesion
-
-    def _rgb_image(self, name="LesionSegTestPhoto", size=(96, 64)):
-        """A one-slice RGB vector volume (a photograph) with three coloured spots."""
-        import numpy as np
-        nx, ny = size
-        y, x = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
-        rgb = np.zeros((1, ny, nx, 3), np.uint8)
-        rgb[0] = (150, 60, 30)
-        for cx, cy, colour in ((20, 20, (250, 240, 120)), (60, 40, (120, 20, 20)), (80, 15, (255, 255, 200))):
-            rgb[0][(x - cx) ** 2 + (y - cy) ** 2 <= 36] = colour
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", name)
-        slicer.util.updateVolumeFromArray(node, rgb)
-        node.CreateDefaultDisplayNodes()
-        return node
-
-    def _random_checkpoint(self, model, folder):
-        from LesionSegLib import checkpoint, models
-        net = models.create(model)
-        path = os.path.join(folder, f"{model}-random.pt")
-        checkpoint.save(path, net, provenance={"note": "random weights for the LesionSeg self-test"})
-        return path
-
-    def _editor(self, segmentation, volume):
-        widget = slicer.qMRMLSegmentEditorWidget()
-        widget.setMRMLScene(slicer.mrmlScene)
-        editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-        widget.setMRMLSegmentEditorNode(editorNode)
-        widget.setSegmentationNode(segmentation)
-        widget.setSourceVolumeNode(volume)
-        return widget, editorNode
-
-    def _run_effect(self, widget, name, params):
-        widget.setActiveEffectByName(name)
-        effect = widget.activeEffect()
-        self.assertIsNotNone(effect, f"effect {name} is not available")
-        for key, value in params.items():
-            effect.setParameter(key, value)
-        effect.self().onApply()
-        self.assertTrue(effect.self().waitForCompletion(900), f"{name} did not finish")
-        return effect
-
-    # -------------------------------------------------------------- tests
-
-    def test_effects_registered(self):
-        self.delayDisplay("LesionSeg effects are registered")
-        registerEffects()   # idempotent
-        widget = slicer.qMRMLSegmentEditorWidget()
-        widget.setMRMLScene(slicer.mrmlScene)
-        names = list(widget.availableEffectNames())
-        for name, _ in self.EFFECTS:
-            self.assertIn(name, names)
-        factory_names = [e.name for e in slicer.qSlicerSegmentEditorEffectFactory.instance().registeredEffects()]
-        self.assertEqual(len(factory_names), len(set(factory_names)))
-
-    def test_effects_apply_undo_mask_cancel(self):
-        self.requireTorch()
-        import tempfile
-
-        import numpy as np
-
-        from LesionSegLib.slicer import bridge
-        from LesionSegLib.slicer.logic import LesionSegLogic as CoreLogic
-
-        folder = tempfile.mkdtemp(prefix="LesionSegTest")
-        volume, lesion = self._volume()
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LesionSegTestSegmentation")
-        segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        # L-Seg reads colour fundus photographs: it gets an RGB image and its own segmentation
-        photo = self._rgb_image()
-        photoSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LesionSegTestPhotoSeg")
-        photoSegmentation.CreateDefaultDisplayNodes()
-        photoSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(photo)
-        widget, editorNode = self._editor(segmentation, volume)
-        core = CoreLogic(scene=slicer.mrmlScene)
-
-        for name, model in self.EFFECTS:
-            self.delayDisplay(f"Effect {name}")
-            if model == "lseg":
-                widget.setSegmentationNode(photoSegmentation)
-                widget.setSourceVolumeNode(photo)
-                source, target_seg = photo, photoSegmentation
-            else:
-                widget.setSegmentationNode(segmentation)
-                widget.setSourceVolumeNode(volume)
-                source, target_seg = volume, segmentation
-            path = self._random_checkpoint(model, folder)
-            reference = core.predict(core.inputImage(source), model=model, checkpoint=path, threshold=0.5)
-            target = target_seg.GetSegmentation().AddEmptySegment(f"target-{model}", f"target {model}")
-            editorNode.SetSelectedSegmentID(target)
-            before = {sid: bridge.segment_mask(target_seg, sid, source).copy()
-                      for sid in bridge.segment_ids(target_seg)}
-            effect = self._run_effect(widget, name, {"Checkpoint": path, "UseCardThreshold": 0, "Threshold": 0.5})
-            # parameters live on the segment editor node, so they are saved with the scene
-            self.assertEqual(editorNode.GetAttribute(f"{name}.Checkpoint"), path)
-            classes = list(reference.classes)
-            if len(classes) == 1:
-                got = bridge.segment_mask(target_seg, target, source)
-                self.assertTrue(np.array_equal(got, reference.masks[int(classes[0]["value"])]),
-                                f"{name}: selected segment differs from the logic's prediction")
-            else:
-                for cls in classes:
-                    sid = bridge.find_class_segment(target_seg, cls, model)
-                    self.assertIsNotNone(sid, f"{name}: no segment named {cls['name']}")
-                    segment = target_seg.GetSegmentation().GetSegment(sid)
-                    self.assertEqual(segment.GetName(), cls["name"])
-                    self.assertEqual(segment.GetTerminology(), bridge.terminology_entry(cls["terminology"]))
-                    self.assertTrue(np.array_equal(bridge.segment_mask(target_seg, sid, source),
-                                                   reference.masks[int(cls["value"])]))
-            widget.undo()
-            for sid, mask in before.items():
-                self.assertTrue(np.array_equal(bridge.segment_mask(target_seg, sid, source), mask),
-                                f"{name}: undo did not restore segment {sid}")
-
-        self.delayDisplay("Masking: editable area inside a segment")
-        widget.setSegmentationNode(segmentation)
-        widget.setSourceVolumeNode(volume)
-        path = self._random_checkpoint("msenet", folder)
-        region = segmentation.GetSegmentation().AddEmptySegment("region", "region")
-        box = np.zeros(lesion.shape, bool)
-        box[:, : lesion.shape[1] // 2, :] = True
-        bridge.set_segment_mask(segmentation, region, box, volume)
-        target = segmentation.GetSegmentation().AddEmptySegment("masked", "masked")
-        editorNode.SetSelectedSegmentID(target)
-        editorNode.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
-        editorNode.SetMaskSegmentID(region)
-        self._run_effect(widget, "LesionSeg MSE-Net", {"Checkpoint": path, "UseCardThreshold": 0, "Threshold": 0.01})
-        got = bridge.segment_mask(segmentation, target, volume)
-        self.assertFalse((got & ~box).any(), "voxels were written outside the editable area")
-        editorNode.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
-
-        self.delayDisplay("Cancel leaves the segmentation unchanged")
-        before = {sid: bridge.segment_mask(segmentation, sid, volume).copy() for sid in bridge.segment_ids(segmentation)}
-        widget.setActiveEffectByName("LesionSeg BSNet")
-        effect = widget.activeEffect()
-        effect.setParameter("Checkpoint", self._random_checkpoint("bsnet", folder))
-        effect.self().onApply()
-        effect.self().onCancel()
-        self.assertTrue(effect.self().waitForCompletion(900))
-        after = {sid: bridge.segment_mask(segmentation, sid, volume) for sid in bridge.segment_ids(segmentation)}
-        self.assertEqual(sorted(before), sorted(after))
-        for sid in before:
-            self.assertTrue(np.array_equal(before[sid], after[sid]))
-        widget.setActiveEffectByName("")
-
-    def test_console_logic(self):
-        self.requireTorch()
-        import tempfile
-
-        import numpy as np
-
-        from LesionSegLib.slicer import bridge
-        self.delayDisplay("Console: LesionSegLogic().segment on the scene")
-        folder = tempfile.mkdtemp(prefix="LesionSegTest")
-        volume, lesion = self._volume(size=(64, 64, 4))
-        logic = LesionSegLogic()
-        path = self._random_checkpoint("msenet", folder)
-        seg = logic.segment(volume, model="msenet", checkpoint=path, probabilityVolume=True)
-        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), 1)
-        segment = seg.GetSegmentation().GetNthSegment(0)
-        cls = logic.modelCard("msenet")["classes"][0]
-        self.assertEqual(segment.GetName(), cls["name"])
-        self.assertEqual(len(logic.lastProbabilityVolumes), 1)
-        self.assertTrue(np.allclose(bridge.ijk_to_ras(logic.lastProbabilityVolumes[0]), bridge.ijk_to_ras(volume)))

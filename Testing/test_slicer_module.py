@@ -121,7 +121,8 @@ def _guarded(fn) -> bool:
     return first == "self.requireTorch()" or ("torchAvailable()" in first and "skipTest" in first)
 
 
-@pytest.mark.parametrize("path", [MODULE / "LesionSeg.py", MODULE / "Testing" / "Python" / "LesionSegWidgetTest.py"],
+@pytest.mark.parametrize("path", [MODULE / "LesionSegUI" / "selftest.py",
+                                  MODULE / "Testing" / "Python" / "LesionSegWidgetTest.py"],
                          ids=lambda p: p.name)
 def test_every_self_test_that_needs_torch_guards_itself(path):
     """ctest runs each test_* method on its own, never runTest: a torch guard in runTest
@@ -192,7 +193,9 @@ def test_weights_dialog_offers_safetensors_only_when_it_can_be_read(monkeypatch)
 
 
 def test_one_logic_and_one_job_path_in_the_module_and_effects():
-    module = (MODULE / "LesionSeg.py").read_text(encoding="utf-8")
+    # the module file and its parts (LesionSegUI/: panel sections, job polling, self-test)
+    module = "\n".join(p.read_text(encoding="utf-8") for p in [MODULE / "LesionSeg.py",
+                                                               *sorted((MODULE / "LesionSegUI").glob("*.py"))])
     effect = EFFECT_BASE.read_text(encoding="utf-8")
     for text in (module, effect):
         assert "BackgroundJob" not in text and "threading" not in text and "QTimer()" not in text.replace(
@@ -204,7 +207,8 @@ def test_one_logic_and_one_job_path_in_the_module_and_effects():
     assert "LesionSegLogic(" not in effect.replace("LesionSegLogic.", "")
     assert "self.logic = sharedLogic()" in module and "LesionSeg.sharedLogic()" in effect
     # jobs are polled in one place
-    assert module.count("class JobPoller") == 1 and "LesionSeg.JobPoller(" in effect
+    jobs = (MODULE / "LesionSegUI" / "jobs.py").read_text(encoding="utf-8")
+    assert jobs.count("class JobPoller") == 1 and "JobPoller = _jobs.JobPoller" in module and "LesionSeg.JobPoller(" in effect
     for starter in ("startSegmentJob", "startBatchJob", "startTrainJob", "startDownloadJob"):
         assert f"self.logic.{starter}" in module
     # the logic holds no HTML
