@@ -212,7 +212,7 @@ class EffectsSelfTest:
         import numpy as np
 
         from LesionSegLib.slicer import bridge
-        self.delayDisplay("Console: _module().LesionSegLogic().segment on the scene")
+        self.delayDisplay("Console: LesionSegLogic().segment on the scene")
         folder = tempfile.mkdtemp(prefix="LesionSegTest")
         volume, lesion = self._volume(size=(64, 64, 4))
         logic = _module().LesionSegLogic()
