@@ -1,8 +1,8 @@
 """Installed network weights: list, import, download (SHA-256 verified), remove, clear.
 
 Weights live in a cache folder, by default the user's cache directory
-(``~/.cache/lesionseg`` on Linux, ``~/Library/Caches/LesionSeg`` on macOS,
-``%LOCALAPPDATA%\\LesionSeg\\cache`` on Windows); set the environment variable
+(``~/.cache/lesionseg`` on Linux, ``~/Library/Caches/lesionseg`` on macOS,
+``%LOCALAPPDATA%\\lesionseg\\Cache`` on Windows, from platformdirs); set the environment variable
 ``LESIONSEG_CACHE`` to move it (a shared drive, a bigger disk, an offline copy). Layout::
 
     <cache>/weights/<model>/<name>.pt          the checkpoint (LesionSeg or official file)
@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -85,14 +84,12 @@ def cache_dir() -> Path:
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         return Path(env).expanduser()
-    home = Path.home()
-    if sys.platform.startswith("win"):
-        base = os.environ.get("LOCALAPPDATA")
-        return (Path(base) if base else home / "AppData" / "Local") / "LesionSeg" / "cache"
-    if sys.platform == "darwin":
-        return home / "Library" / "Caches" / "LesionSeg"
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg) if xdg else home / ".cache") / "lesionseg"
+    try:
+        import platformdirs
+    except ImportError:  # Slicer's Python has it only inside the pip it ships
+        from pip._vendor import platformdirs
+    # ~/.cache/lesionseg (XDG_CACHE_HOME respected), ~/Library/Caches/lesionseg, %LOCALAPPDATA%\lesionseg\Cache
+    return Path(platformdirs.user_cache_dir("lesionseg", appauthor=False))
 
 
 def weights_dir() -> Path:

@@ -89,6 +89,9 @@ def test_cache_dir_follows_env_var(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     if os.name == "posix" and not os.uname().sysname == "Darwin":
         assert W.cache_dir() == tmp_path / "xdg" / "lesionseg"
+        # Slicer's Python has no platformdirs of its own: the copy inside its pip gives the same folder
+        monkeypatch.setitem(__import__("sys").modules, "platformdirs", None)
+        assert W.cache_dir() == tmp_path / "xdg" / "lesionseg"
 
 
 def test_download_verifies_and_installs_once(cache, server):
