@@ -86,3 +86,37 @@ class Progress:
 def is_cancelled(error: BaseException) -> bool:
     """True for the exception a cancelled job raises."""
     return isinstance(error, Cancelled)
+
+
+class TerminalProgress:
+    """A progress callback for the command line: a tqdm bar per item on a terminal; on a
+    pipe or a log file nothing (the caller prints one line per finished item instead).
+    The Slicer GUI shows the same callbacks with its own progress bars."""
+
+    def __init__(self, enabled: bool = True, stream=None) -> None:
+        import sys
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self._tqdm = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+                self._tqdm = tqdm
+            except ImportError:  # an installation without tqdm: no bar, the lines remain
+                pass
+
+    def start(self, description: str) -> None:
+        self.end()
+        if self._tqdm is not None:
+            self.bar = self._tqdm(total=100, desc=description, leave=False, file=self.stream,
+                                  bar_format="{desc} [{bar:30}] {percentage:5.1f}% {postfix}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.bar is not None:
+            self.bar.n = round(min(max(float(fraction), 0.0), 1.0) * 100, 1)
+            self.bar.set_postfix_str(message[:30], refresh=True)
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -121,3 +121,32 @@ def test_predict_refuses_to_run_without_a_network_and_reports_bad_arguments(tmp_
     assert r.returncode == 2 and "--checkpoint" in r.stderr
     r = lesionseg("predict", "--checkpoint", tmp_path / "nothing.pt", tmp_path, "-o", tmp_path / "out")
     assert r.returncode == 1 and "no such checkpoint file" in r.stderr
+
+
+def test_terminal_progress_draws_a_bar_on_a_terminal_and_nothing_on_a_pipe():
+    """``lesionseg predict``'s bar (tqdm): redrawn in place on a terminal, silent on a pipe or
+    log file, where the one line per finished file is what the user reads."""
+    import io
+    from LesionSegLib.jobs import TerminalProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = TerminalProgress(True, stream)
+        bar.start("[1/2] case.nii.gz")
+        for k in range(5):
+            bar(k / 4, f"slice {k}")
+        bar.end()
+        bar.end()  # twice is harmless
+    assert pipe.getvalue() == ""
+    drawn = tty.getvalue()
+    assert "[1/2] case.nii.gz" in drawn and "100.0%" in drawn and "slice 4" in drawn and "\r" in drawn
+    quiet = Terminal()
+    bar = TerminalProgress(False, quiet)
+    bar.start("x")
+    bar(0.5, "half")
+    bar.end()
+    assert quiet.getvalue() == ""

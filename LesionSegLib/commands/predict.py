@@ -94,32 +94,6 @@ def _parse_window(value):
         raise SystemExit(f"lesionseg predict: error: {e}") from None
 
 
-class _Bar:
-    """One progress line on stderr, redrawn in place on a terminal; on a pipe or log
-    file only the final state of each file is printed (no flood of lines)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.prefix = ""
-
-    def start(self, prefix: str) -> None:
-        self.prefix = prefix
-
-    def __call__(self, fraction: float, message: str) -> None:
-        if not self.tty:
-            return
-        filled = int(round(fraction * 30))
-        bar = "#" * filled + "." * (30 - filled)
-        sys.stderr.write(f"\r{self.prefix} [{bar}] {fraction * 100:5.1f}% {message[:30]:<30}")
-        sys.stderr.flush()
-
-    def end(self) -> None:
-        if self.tty:
-            sys.stderr.write("\r" + " " * (len(self.prefix) + 80) + "\r")
-            sys.stderr.flush()
-
-
 def run_predict(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     window = _parse_window(args.window)
@@ -214,7 +188,8 @@ def _printer(bar):
 
 def _run_files(predictor, files, problems, out_dir: Path, args, window, weights: str) -> int:
     from ..inference.batch import segment_files
-    bar = _Bar(not args.quiet)
+    from ..jobs import TerminalProgress
+    bar = TerminalProgress(not args.quiet)
     report = _printer(bar)
     settings = {"model": predictor.name, "preset": predictor.preset, "weights": weights}
     try:
