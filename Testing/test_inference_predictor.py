@@ -316,3 +316,14 @@ def test_onnxruntime_backend_gives_the_torch_labels():
         assert Predictor(net, device="cpu", backend="onnxruntime").runner.session.num_threads == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def test_only_networks_whose_card_defines_size_levels_grade_lesions(pointwise):
+    """MSE-Net's small/medium/large stroke-lesion levels are its own: a polyp or CT
+    network's lesion table leaves the size level empty."""
+    image = ct_volume()
+    rows = pointwise.predict_volume(image).lesions
+    assert rows and all(r["size_level"] is None for r in rows)
+    assert pointwise.size_levels is None
+    msenet = Predictor(models.create("msenet"), device="cpu")
+    assert msenet.size_levels == models.card("msenet")["lesion_size_levels"]

@@ -42,7 +42,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import models
 from ..checkpoint import Checkpoint, CheckpointError
 from ..preprocessing import InputError
 from . import runtime
@@ -130,8 +129,8 @@ class Predictor:
                        else int(spec["channels"]))
         self.inputs = InputPreparer(self.name, self.preset, spec, in_channels, self.channels_last)
         self.outputs = OutputRules(self.name, self.preset, self.card["outputs"], self.classes, self._device)
-        levels = self.card.get("lesion_size_levels")
-        self.size_levels = levels if levels else models.card("msenet").get("lesion_size_levels")
+        # a lesion is graded (small/medium/large) only by networks whose card defines the levels
+        self.size_levels = self.card.get("lesion_size_levels") or None
 
         # the network
         self.runner = RUNNERS[backend].create(
