@@ -267,9 +267,5 @@ def has_class_masks(root, suffixes: Sequence[str]) -> bool:
     return any(f"{p.stem}_{suffixes[0]}" in stems for p in layout.images.iterdir() if is_image_file(p))
 
 
-def describe_cases(keys: Sequence[str], case_regex=None, cases=None, number_block=NUMBER_BLOCK) -> str:
-    return case_ids(keys, case_regex, cases, number_block)[1]
-
-
 def _natural_key(s: str):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]

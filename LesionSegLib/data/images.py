@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -68,20 +68,6 @@ def read_image(path, grey_if_equal: bool = False) -> np.ndarray:
                                  and np.array_equal(arr[..., 0], arr[..., 2])):
             arr = arr[..., 0]
     return np.ascontiguousarray(arr)
-
-
-def image_size(path) -> Tuple[int, int]:
-    """(H, W) from the file header only (fast size checks before training)."""
-    import SimpleITK as sitk
-    from ..inference.io import itk_reason
-    r = sitk.ImageFileReader()
-    r.SetFileName(str(path))
-    try:
-        r.ReadImageInformation()
-    except RuntimeError as e:
-        raise DataError(f"{path}: cannot read the image ({itk_reason(e)})") from None
-    size = r.GetSize()
-    return int(size[1]), int(size[0])
 
 
 def png_palette(path) -> Optional[np.ndarray]:

@@ -143,15 +143,6 @@ class Canonical:
                 v = np.flip(v, axis=lead + b)
         return v
 
-    def canonical_index_to_input(self, ijk: Sequence[float]) -> Tuple[float, float, float]:
-        """Continuous canonical index (x, y, z) to the input's index (x, y, z)."""
-        out = [0.0, 0.0, 0.0]
-        size_xyz = tuple(reversed(self.shape))
-        for j in range(3):
-            i = self.perm[j]
-            out[i] = (size_xyz[i] - 1 - ijk[j]) if self.flip[j] else ijk[j]
-        return tuple(out)
-
     def describe(self, direction: Sequence[float]) -> str:
         code = orientation_code(direction)
         angle = obliquity_degrees(direction)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -212,16 +211,3 @@ def cpu_batch_size(height: int, width: int, threads: Optional[int] = None) -> in
     return int(max(1, min(CPU_MAX_BATCH, by_pixels, CPU_BATCH_PER_THREAD * threads)))
 
 
-def available_host_memory() -> Optional[int]:
-    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
