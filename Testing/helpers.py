@@ -37,59 +37,40 @@ def lesion_volume(seed: int = 0, size_xyz=SIZE_XYZ):
     return image, lesion
 
 
-def threshold_unet(z_threshold: float = 2.5, gain: float = 8.0):
-    """A real registered U-Net (depth 2, width 4) whose weights make its logit
-    ``gain·(relu(x) − z_threshold)`` for a normalised input x: channel 0 of every
-    level passes the input through (centre tap 1, identity BatchNorm), the deeper path
-    contributes zero, and the head thresholds. Built with models.create, so it is saved,
-    loaded, fused and run exactly like a trained network."""
+def threshold_unet(z_threshold: float = 2.5, gain: float = 8.0, *, preset=None, shift=(0, 0), small: bool = True):
+    """A real registered U-Net whose logit is ``gain·(relu(v(y+dy, x+dx)) − z_threshold)`` for
+    the normalised input v: the first conv reads the ``shift`` = (dy, dx) neighbour into
+    channel 0, every other conv of the top encoder and decoder level passes channel 0
+    through (centre tap 1), the deeper path contributes zero, BatchNorms are the identity,
+    and the head thresholds. ``small``: width 4, depth 2 (else the preset's configuration).
+    Built with models.create, so it is saved, loaded, fused and run exactly like a trained
+    network."""
     import torch
     from LesionSegLib import models
-    net = models.create("unet", base_width=4, depth=2)
+    net = models.create("unet", preset=preset, **(dict(base_width=4, depth=2) if small else {}))
     with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
         for m in net.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-                m.weight.zero_()
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, torch.nn.BatchNorm2d):
+            if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.zero_()
                 m.running_var.fill_(1.0 - m.eps)   # so that BN is exactly the identity
                 m.weight.fill_(1.0)
-                m.bias.zero_()
-        for level in (net.encoder[0], net.decoder[0].conv):
+        first = True
+        for level in (net.encoder[0], net.decoder[-1].conv):  # decoder input: [skip, up], channel 0 = skip 0
             for block in level:
                 conv = next(c for c in block.modules() if isinstance(c, torch.nn.Conv2d))
-                conv.weight[0, 0, 1, 1] = 1.0
+                dy, dx = shift if first else (0, 0)
+                conv.weight[0, 0, 1 + dy, 1 + dx] = 1.0
+                first = False
         net.head.weight[0, 0, 0, 0] = gain
         net.head.bias[0] = -gain * z_threshold
     return net.eval()
 
 
 def shifted_threshold_unet(preset="covid-ct", dy=1, dx=1, t=0.5, gain=20.0):
-    """U-Net (default configuration) computing ``gain·(relu(v(y+dy, x+dx)) − t)``: the
-    first conv reads the (dy, dx) neighbour into channel 0, every other weight is zero,
-    BatchNorms are identities, the decoder passes skip channel 0 through, the head
-    thresholds it."""
-    import torch
-    from LesionSegLib import models
-    net = models.create("unet", preset=preset)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.fill_(1.0)
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0)
-        net.encoder[0][0][0].weight[0, 0, 1 + dy, 1 + dx] = 1.0
-        net.encoder[0][1][0].weight[0, 0, 1, 1] = 1.0
-        top = net.decoder[-1].conv  # concatenation [skip, up]: channel 0 is skip channel 0
-        top[0][0].weight[0, 0, 1, 1] = 1.0
-        top[1][0].weight[0, 0, 1, 1] = 1.0
-        net.head.weight[0, 0, 0, 0] = gain
-        net.head.bias[0] = -gain * t
-    return net.eval()
+    """:func:`threshold_unet` in the preset's full configuration, reading the (dy, dx) neighbour."""
+    return threshold_unet(t, gain, preset=preset, shift=(dy, dx), small=False)
 
 
 def rotation(axis, degrees):

@@ -5,6 +5,7 @@ its own stale temporary files (``.NAME.XXXXXXXX.tmp…``) and nothing else."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import signal
 import subprocess
@@ -150,8 +151,10 @@ def test_two_processes_writing_the_same_folder_leave_whole_correct_files(network
         assert code == 0, stderr
     assert temporaries(out) == []
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"scan{i}_{kind}" for i in range(3)
-                           for kind in ("label.nrrd", "prob.nrrd", "lesions.csv"))
+    assert names == sorted([f"scan{i}_{kind}" for i in range(3) for kind in ("label.nrrd", "prob.nrrd", "lesions.csv")]
+                           + ["lesionseg-lesions.csv", "lesionseg-summary.json"])
+    summary = json.loads((out / "lesionseg-summary.json").read_text())   # whole: one of the two runs' own
+    assert sorted(Path(s["input"]).name for s in summary["succeeded"]) == [f"scan{i}.nrrd" for i in range(3)]
     for stem, truth in truths.items():
         assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stem}_label.nrrd"))) > 0, truth)
         assert all(complete(out / f"{stem}_{k}") for k in ("prob.nrrd", "lesions.csv"))

@@ -318,12 +318,14 @@ def test_onnxruntime_backend_gives_the_torch_labels():
         torch.set_num_threads(previous)
 
 
-def test_only_networks_whose_card_defines_size_levels_grade_lesions(pointwise):
-    """MSE-Net's small/medium/large stroke-lesion levels are its own: a polyp or CT
-    network's lesion table leaves the size level empty."""
+def test_only_stroke_cards_and_presets_grade_lesions_by_size(pointwise):
+    """MSE-Net's small/medium/large stroke-lesion levels belong to stroke: a CT infection
+    network's lesion table leaves the size level empty; U-Net's stroke presets use them."""
     image = ct_volume()
     rows = pointwise.predict_volume(image).lesions
     assert rows and all(r["size_level"] is None for r in rows)
     assert pointwise.size_levels is None
     msenet = Predictor(models.create("msenet"), device="cpu")
     assert msenet.size_levels == models.card("msenet")["lesion_size_levels"]
+    stroke_unet = Predictor(models.create("unet", preset="stroke-dwi"), preset="stroke-dwi", device="cpu")
+    assert stroke_unet.size_levels == msenet.size_levels

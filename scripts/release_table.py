@@ -35,6 +35,9 @@ MISSING_BASELINE = {
     "m2snet-polyp": "the U-Net's fp32 step of 16 images at 224² took about 30 s on the AVX2-only AMD EPYC of the "
                     "session that trained the baselines (no native bf16 there), about 7 hours for the release's 840 "
                     "steps; `scripts/train_unet_baselines.sh polyp` runs it",
+    "m2snet-breast-us": "the session that fine-tuned it had one AVX2-only CPU of two cores (fp32 only); a U-Net on "
+                        "the same split and budget (20 epochs of 256 images at 224², from scratch: no U-Net start "
+                        "comparable to the polyp weights exists) is the next run on a CPU with native bf16",
 }
 
 

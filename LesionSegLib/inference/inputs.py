@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import models
 from ..preprocessing import InputError, arrange_channels, plan_intensity, replace_nonfinite, size_for
 from .geometry import Canonical
 from .staging import Stager
@@ -50,7 +51,7 @@ class InputPreparer:
 
     def __init__(self, name: str, preset: Optional[str], spec: Dict[str, Any], in_channels: int,
                  channels_last: bool) -> None:
-        if int(spec.get("dims", 2)) != 2:
+        if models.Inputs.of(spec).dims != 2:
             raise InputError(f"{name}: only 2-D networks are supported by the predictor")
         self.name, self.spec, self.in_channels, self.channels_last = name, spec, int(in_channels), channels_last
         # 2.5D: a network taking 2k+1 channels where the preset feeds one slice
@@ -133,7 +134,8 @@ class InputPreparer:
 
     def tile_layout(self, shape: Tuple[int, int], tile_size) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """(tile, padded image) sizes for tiled prediction of an image of ``shape``."""
-        div, min_size = int(self.spec.get("size_divisor", 1)), int(self.spec.get("min_size", 1))
+        sizes = models.Inputs.of(self.spec)
+        div, min_size = sizes.size_divisor, sizes.min_size
         want = tuple(tile_size) if tile_size else tuple(size_for(shape, self.spec))
         # a tile never exceeds the (divisor-rounded) image, and is a valid network input
         tile = tuple(max(min_size, -(-min(int(t), s) // div) * div) for t, s in zip(want, shape))

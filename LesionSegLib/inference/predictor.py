@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import models
 from ..checkpoint import Checkpoint, CheckpointError
 from ..preprocessing import InputError
 from . import runtime
@@ -129,8 +130,8 @@ class Predictor:
                        else int(spec["channels"]))
         self.inputs = InputPreparer(self.name, self.preset, spec, in_channels, self.channels_last)
         self.outputs = OutputRules(self.name, self.preset, self.card["outputs"], self.classes, self._device)
-        # a lesion is graded (small/medium/large) only by networks whose card defines the levels
-        self.size_levels = self.card.get("lesion_size_levels") or None
+        # lesions are graded (small/medium/large) only where the card or its preset defines the levels
+        self.size_levels = models.lesion_size_levels(self.card)
 
         # the network
         self.runner = RUNNERS[backend].create(
@@ -358,7 +359,7 @@ class Predictor:
     def _tiled(self, raw: torch.Tensor, plan: InputPlan, shape: Tuple[int, int], tile_size, overlap: float,
                prog: Progress) -> torch.Tensor:
         tile, full = self.inputs.tile_layout(shape, tile_size)
-        div = int(self.card["input"].get("size_divisor", 1))
+        div = models.Inputs.of(self.card).size_divisor
         x_all = self.inputs.tensor(raw, plan, None, full)  # (1, C, H', W'), normalised once
         positions = tile_grid(full, tile, overlap, align=div)
         blender = TileBlender(self.out_channels, full, tile, self._device)

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 CARDS_DIR = Path(__file__).with_name("cards")
 
 __all__ = ["list_models", "registry_name", "card", "create", "config", "preset", "output_names",
-           "inference_output", "Outputs", "UnknownModelError", "UnknownPresetError"]
+           "inference_output", "lesion_size_levels", "Inputs", "Outputs", "UnknownModelError", "UnknownPresetError"]
 
 
 class UnknownModelError(KeyError):
@@ -59,6 +59,26 @@ def registry_name(name: str) -> str:
         if key in (a.lower().replace("-", "").replace("_", "").replace("²", "2") for a in aliases):
             return n
     raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(cards)}")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A card's or preset's ``input`` sizes, typed, with the defaults of keys a card leaves
+    out (normalisation and channel handling are read by :mod:`LesionSegLib.preprocessing`)."""
+    channels: int = 1
+    dims: int = 2
+    size: Optional[Tuple[int, int]] = None
+    size_divisor: int = 1
+    min_size: int = 1
+
+    @classmethod
+    def of(cls, card_or_input: Mapping[str, Any]) -> "Inputs":
+        """From a card or preset (its ``input`` entry) or from the ``input`` entry itself."""
+        spec = card_or_input["input"] if isinstance(card_or_input.get("input"), Mapping) else card_or_input
+        size = spec.get("size")
+        return cls(channels=int(spec.get("channels") or 1), dims=int(spec.get("dims") or 2),
+                   size=(int(size[0]), int(size[1])) if size else None,
+                   size_divisor=int(spec.get("size_divisor") or 1), min_size=int(spec.get("min_size") or 1))
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,16 @@ def create(name: str, preset: str = None, **overrides):
     model = cls(**config(key, **{**preset_config, **overrides}))
     model.lesionseg_name = key
     return model
+
+
+def lesion_size_levels(card: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The lesion size levels (small/medium/large) of a card with its preset in use: the
+    preset's, else the network's; a network name stands for that network's levels (U-Net's
+    stroke presets use MSE-Net's). None: lesions are not graded."""
+    levels = (card.get("preset") or {}).get("lesion_size_levels", card.get("lesion_size_levels"))
+    if isinstance(levels, str):
+        levels = _load_cards()[registry_name(levels)].get("lesion_size_levels")
+    return copy.deepcopy(levels) if levels else None
 
 
 def output_names(name: str) -> List[str]:

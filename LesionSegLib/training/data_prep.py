@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .. import models
 from ..data import DataError
 from ..data.sources import FolderSource, TargetSpec, VolumeSource
 from ..data.folders import case_ids, case_table, class_mask_pairs, detect_layout, folder_pairs, has_class_masks
@@ -91,7 +92,7 @@ def input_spec_for(name: str, preset_dict: Dict[str, Any], context: int) -> Dict
     the network takes 2k+1 neighbouring slices (its ``in_channels``)."""
     spec = json.loads(json.dumps(preset_dict["input"]))
     if context:
-        if int(spec.get("channels", 1)) != 1:
+        if models.Inputs.of(spec).channels != 1:
             raise RecipeError(f"{name}: slices.context (2.5D) needs a one-channel preset; "
                               f"{preset_dict['name']!r} takes {spec['channels']} channels per slice")
         sc = spec.get("slice_context") if isinstance(spec.get("slice_context"), dict) else {}

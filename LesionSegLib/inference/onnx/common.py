@@ -69,7 +69,8 @@ def input_channels(card: Dict[str, Any], config: Optional[Dict[str, Any]] = None
     preset may build a 3-channel U-Net), else the preset's / card's ``input.channels``."""
     if config and "in_channels" in config:
         return int(config["in_channels"])
-    return int(_preset_input(card).get("channels", 1))
+    from ... import models
+    return models.Inputs.of(_preset_input(card)).channels
 
 
 def default_size(card: Dict[str, Any]) -> Tuple[int, int]:
@@ -84,8 +85,9 @@ def check_size(card: Dict[str, Any], size: Sequence[int]) -> Tuple[int, int]:
     if len(size) != 2:
         raise OnnxError(f"size must be (H, W), got {tuple(size)}")
     h, w = int(size[0]), int(size[1])
-    spec = _preset_input(card)
-    div, low = int(spec.get("size_divisor", 1)), int(spec.get("min_size", 1))
+    from ... import models
+    spec = models.Inputs.of(_preset_input(card))
+    div, low = spec.size_divisor, spec.min_size
     if h % div or w % div or min(h, w) < low:
         raise OnnxError(f"{card.get('name')}: size {h}×{w} is not allowed; H and W must be multiples of "
                         f"{div} and at least {low}")
