@@ -156,7 +156,8 @@ class _FileWriter:
 
     def segment(self, path: Path, out_dir: Path, progress):
         from ..inference.batch import FileResult
-        written, pred = _predict_file(self.predictor, path, out_dir, self.args, self.window, self.bar)
+        written, pred = _predict_file(self.predictor, path, out_dir, self.output_names(path), self.args,
+                                      self.window, self.bar)
         nonfinite = int(pred.info.get("nonfinite_voxels") or 0)
         warnings = [f"{nonfinite} voxel(s) are NaN or infinite; they were left out of the intensity statistics "
                     f"and read as the lowest intensity"] if nonfinite else []
@@ -207,7 +208,8 @@ def _run_files(predictor, files, problems, out_dir: Path, args, window, weights:
     return 0
 
 
-def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar):
+def _predict_file(predictor, path: Path, out_dir: Path, names, args, window, bar):
+    """Segment one file; ``names``: the label file and (unless ``--no-csv``) the lesion table."""
     import numpy as np
     import SimpleITK as sitk
     from ..inference import io as lio
@@ -236,7 +238,7 @@ def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar):
     else:
         raise InputError(f"{dim}-D images are not supported (2-D images and 3-D volumes)")
 
-    written = [lio.write_image(label_img, out_dir / f"{stem}_label{oext}")]
+    written = [lio.write_image(label_img, out_dir / names[0])]
     if args.probabilities and pred.probabilities is not None:
         several = len(pred.classes) > 1
         for c, cls in enumerate(pred.classes):
@@ -248,8 +250,7 @@ def _predict_file(predictor, path: Path, out_dir: Path, args, window, bar):
             img.CopyInformation(label_img)
             written.append(lio.write_image(img, out_dir / name))
     if not args.no_csv:
-        written.append(lio.write_text(lio.lesions_csv(pred.lesions, path.name, pred.classes),
-                                      out_dir / f"{stem}_lesions.csv"))
+        written.append(lio.write_text(lio.lesions_csv(pred.lesions, path.name, pred.classes), out_dir / names[1]))
     return written, pred
 
 

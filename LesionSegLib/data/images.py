@@ -39,12 +39,12 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _read(path: Path, what: str):
+def read_file(path, what: str):
     """SimpleITK image of a training file (:func:`LesionSegLib.inference.io.read_image`),
     or a :class:`DataError` naming the file."""
     from ..inference.io import read_image
     try:
-        return read_image(path, what, verify=False)
+        return read_image(Path(path), what, verify=False)
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
 
@@ -55,7 +55,7 @@ def read_image(path, grey_if_equal: bool = False) -> np.ndarray:
     as RGB) comes back grey, for grey networks. Raises :class:`DataError` naming the file."""
     import SimpleITK as sitk
     path = Path(path)
-    img = _read(path, "the image")
+    img = read_file(path, "the image")
     if img.GetDimension() == 3 and img.GetSize()[2] == 1:  # some TIFF writers add a z of 1
         img = img[:, :, 0]
     if img.GetDimension() != 2:
@@ -117,7 +117,7 @@ def read_mask(path, classes: Sequence[Dict] = (), n_classes: int = 1) -> np.ndar
     """Class-index map (H, W) int64 of a mask file (0 background, 1…n_classes)."""
     import SimpleITK as sitk
     path = Path(path)
-    img = _read(path, "the mask")
+    img = read_file(path, "the mask")
     if img.GetDimension() == 3 and img.GetSize()[2] == 1:
         img = img[:, :, 0]
     arr = sitk.GetArrayFromImage(img)

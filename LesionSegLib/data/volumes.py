@@ -33,6 +33,7 @@ import numpy as np
 
 from ..fileio import VOLUME_EXTENSIONS, split_extension
 from .errors import DataError
+from .images import read_file
 
 VOLUME_SUFFIXES = VOLUME_EXTENSIONS
 LABEL_WORDS = ("msk", "mask", "masks", "label", "labels", "seg", "segmentation", "lesion", "lesions", "gt", "roi")
@@ -142,14 +143,6 @@ class VolumeCase:
         return np.flatnonzero(self.label.reshape(self.label.shape[0], -1).any(axis=1))
 
 
-def _read(path: Path, what: str):
-    from ..inference.io import read_image
-    try:
-        return read_image(path, f"the {what}", verify=False)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
-
-
 def canonical(img):
     """``img`` reoriented to LPS (array axes z, y, x: axial slices first)."""
     import SimpleITK as sitk
@@ -183,8 +176,8 @@ def load_case(image, label, case: Optional[str] = None, pixel_spacing: Optional[
     import SimpleITK as sitk
     notes: List[str] = []
     src = str(image) if not isinstance(image, sitk.Image) else "memory"
-    img = image if isinstance(image, sitk.Image) else _read(Path(image), "image")
-    lab = label if isinstance(label, sitk.Image) else _read(Path(label), "label")
+    img = image if isinstance(image, sitk.Image) else read_file(image, "the image")
+    lab = label if isinstance(label, sitk.Image) else read_file(label, "the label")
     where_l = str(label) if not isinstance(label, sitk.Image) else "label"
     where_i = src
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from ..jobs import Progress, ProgressCallback, is_cancelled
+from .io import lesions_csv
 
 SUMMARY_NAME = "lesionseg-summary.json"
 LESIONS_NAME = "lesionseg-lesions.csv"
@@ -88,14 +89,14 @@ def check_outputs(files: Sequence[Path], out_dir: Path, segmenter: FileSegmenter
     reasons: List[Optional[str]] = []
     for path in files:
         names = segmenter.output_names(path)
-        targets = [out_dir / n for n in names]
         clash = next((n for n in names if n.casefold() in claimed), None)
-        replaced = next((t for t in targets if t.resolve() in inputs), None)
         if clash is not None:
             reasons.append(f"its results would have the same name ({clash}) as those of "
                            f"{claimed[clash.casefold()]}; segment the two into separate output folders")
             continue
         claimed.update((n.casefold(), path) for n in names)
+        targets = [out_dir / n for n in names]
+        replaced = next((t for t in targets if t.resolve() in inputs), None)
         if replaced is not None:
             reasons.append(f"the output {replaced} would overwrite an input file; choose another output folder")
         elif not overwrite and targets[0].exists():
@@ -151,24 +152,19 @@ def segment_files(files: Sequence[Path], out_dir, segmenter: FileSegmenter, *,
         voxels = {c["name"]: int(pred.masks[int(c["value"])].sum()) for c in pred.classes
                   if int(c["value"]) in pred.masks}
         if lesion_table:
-            tables.append(_lesion_rows(pred.lesions or [], str(path), pred.classes))
+            tables.append(lesions_csv(pred.lesions or [], str(path), pred.classes))
         summary.succeeded.append({"input": str(path), "output": str(result.written[0]), "voxels": voxels,
                                   "lesions": len(pred.lesions or []), "seconds": round(seconds, 2)})
         report.succeeded(path, result, seconds)
     if summary.succeeded or summary_without_results:
-        summary.summary_file = str(write_summary(out_dir, summary, settings or {}, tables if lesion_table else None))
+        summary.summary_file = str(write_summary(out_dir, summary, settings or {}, tables))
     prog.done(str(summary).splitlines()[0])
     return summary
 
 
-def _lesion_rows(lesions, file_name: str, classes) -> str:
-    from .io import lesions_csv
-    return lesions_csv(lesions, file_name, classes)
-
-
 def write_summary(out_dir: Path, summary: BatchSummary, settings: Dict[str, Any],
-                  lesion_tables: Optional[List[str]]) -> Path:
-    """``lesionseg-summary.json`` and, when lesion tables are given, ``lesionseg-lesions.csv``
+                  lesion_tables: List[str]) -> Path:
+    """``lesionseg-summary.json`` and, when there are lesion tables, ``lesionseg-lesions.csv``
     (the tables of all files under one header), each written atomically."""
     from ..fileio import atomic_write_text
     data = {**settings, "succeeded": summary.succeeded, "failed": summary.failed, "cancelled": summary.cancelled}

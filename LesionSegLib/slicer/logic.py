@@ -31,13 +31,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..jobs import Progress, ProgressCallback
 from . import EFFECT_MODELS, bridge
-from .logic_batch import IMAGE_SUFFIXES, LESIONS_NAME, OUTPUT_FORMATS, SUMMARY_NAME, BatchLogic, BatchSummary, image_files
+from .logic_batch import IMAGE_SUFFIXES, LESIONS_NAME, OUTPUT_FORMATS, SUMMARY_NAME, BatchLogic, BatchSummary, batch_inputs
 from .errors import LesionSegError
 from .logic_training import TrainingLogic
 from .logic_weights import WeightsLogic
 from .logic_jobs import SegmentJob, WorkerJobLogic
 
-__all__ = ["LesionSegLogic", "LesionSegError", "BatchSummary", "SegmentJob", "image_files", "IMAGE_SUFFIXES",
+__all__ = ["LesionSegLogic", "LesionSegError", "BatchSummary", "SegmentJob", "batch_inputs", "IMAGE_SUFFIXES",
            "OUTPUT_FORMATS", "SUMMARY_NAME", "LESIONS_NAME"]
 
 logger = logging.getLogger("LesionSeg")

@@ -15,23 +15,22 @@ from .errors import LesionSegError
 
 IMAGE_SUFFIXES = READABLE_EXTENSIONS
 OUTPUT_FORMATS = ("seg.nrrd", "nii.gz", "nrrd")
-__all__ = ["BatchLogic", "BatchSummary", "image_files", "IMAGE_SUFFIXES", "OUTPUT_FORMATS", "SUMMARY_NAME",
+__all__ = ["BatchLogic", "BatchSummary", "batch_inputs", "IMAGE_SUFFIXES", "OUTPUT_FORMATS", "SUMMARY_NAME",
            "LESIONS_NAME"]
 
 
-def _inputs(paths):
+def batch_inputs(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]):
+    """(image files, [(argument, why unusable)]) of a batch: folders expanded as
+    ``lesionseg predict`` does (sorted, not recursive, without segmentations and earlier
+    results); a file that is not there becomes a failed entry of the batch.
+    :class:`LesionSegError` when the arguments are only folders without images."""
     from ..inference.io import list_inputs
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    return list_inputs([Path(p).expanduser() for p in paths])
-
-
-def image_files(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]) -> List[Path]:
-    """Image files named by ``paths``: folders expanded as ``lesionseg predict`` does
-    (sorted, not recursive, without segmentations and earlier results); a file that is
-    not there is kept, its batch entry then says so."""
-    files, problems = _inputs(paths)
-    return files + [Path(a) for a, _ in problems if not Path(a).is_dir()]
+    files, problems = list_inputs([Path(p).expanduser() for p in paths])
+    if not files and all(Path(a).is_dir() for a, _ in problems):
+        raise LesionSegError(f"no image files in {paths!r}")
+    return files, problems
 
 
 class _SlicerFiles:
@@ -91,9 +90,7 @@ class BatchLogic:
         from ..inference.batch import segment_files
         if outputFormat not in OUTPUT_FORMATS:
             raise LesionSegError(f"unknown output format {outputFormat!r}; use one of {', '.join(OUTPUT_FORMATS)}")
-        files, problems = _inputs(paths)
-        if not files and all(Path(a).is_dir() for a, _ in problems):
-            raise LesionSegError(f"no image files in {paths!r}")
+        files, problems = batch_inputs(paths)
         out_dir = Path(outputDir).expanduser()
         out_dir.mkdir(parents=True, exist_ok=True)
         options = dict(model=model, checkpoint=checkpoint, preset=preset, device=device, threshold=threshold,

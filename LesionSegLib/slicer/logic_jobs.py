@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from .errors import LesionSegError
-from .logic_batch import OUTPUT_FORMATS, image_files
+from .logic_batch import OUTPUT_FORMATS, batch_inputs
 
 
 class WorkerJobLogic:
@@ -135,8 +135,7 @@ class WorkerJobLogic:
         if options.get("outputFormat", "seg.nrrd") not in OUTPUT_FORMATS:
             raise LesionSegError(f"unknown output format {options['outputFormat']!r}; "
                                  f"use one of {', '.join(OUTPUT_FORMATS)}")
-        if not image_files(paths):
-            raise LesionSegError(f"no image files in {paths!r}")
+        batch_inputs(paths)   # refuses arguments without images before a worker starts
         options["checkpoint"] = self.requireWeights(options.get("model", "msenet"), options.get("checkpoint"),
                                                     options.get("preset"), options.get("allowRandomWeights", False))
         args = {"paths": [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)],

@@ -52,8 +52,6 @@ def resolve_network(model, *, preset: Optional[str] = None, checkpoint=None):
         raise OnnxError(str(e)) from None
     if loaded.is_onnx_file:
         raise OnnxError(f"{source}: is already an ONNX graph")
-    if loaded.name is None or loaded.name in ckpt.BACKBONES:
-        raise OnnxError(f"{source}: not a segmentation network")
     card = resolver.network_card(loaded.name, loaded.card, preset, loaded.provenance)
     return loaded.model, loaded.name, card, loaded.provenance, dict(loaded.config or {})
 
