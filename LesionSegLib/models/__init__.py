@@ -75,10 +75,9 @@ class Inputs:
     def of(cls, card_or_input: Mapping[str, Any]) -> "Inputs":
         """From a card or preset (its ``input`` entry) or from the ``input`` entry itself."""
         spec = card_or_input["input"] if isinstance(card_or_input.get("input"), Mapping) else card_or_input
-        size = spec.get("size")
-        return cls(channels=int(spec.get("channels") or 1), dims=int(spec.get("dims") or 2),
-                   size=(int(size[0]), int(size[1])) if size else None,
-                   size_divisor=int(spec.get("size_divisor") or 1), min_size=int(spec.get("min_size") or 1))
+        read = {"channels": int, "dims": int, "size": lambda v: (int(v[0]), int(v[1])), "size_divisor": int,
+                "min_size": int}
+        return cls(**{k: f(spec[k]) for k, f in read.items() if spec.get(k)})
 
 
 @dataclass(frozen=True)
@@ -97,11 +96,9 @@ class Outputs:
     def of(cls, card_or_outputs: Mapping[str, Any]) -> "Outputs":
         """From a card or preset (its ``outputs`` entry) or from the ``outputs`` entry itself."""
         out = card_or_outputs.get("outputs", card_or_outputs)
-        return cls(activation=str(out.get("activation") or "sigmoid"),
-                   threshold=float(out["threshold"]) if out.get("threshold") is not None else 0.5,
-                   channels=int(out["channels"]) if out.get("channels") is not None else None,
-                   multi_label=bool(out.get("multi_label", False)), edge_output=bool(out.get("edge_output", False)),
-                   names=tuple(out.get("names", ())), inference=out.get("inference"))
+        read = {"activation": str, "threshold": float, "channels": int, "multi_label": bool, "edge_output": bool,
+                "names": tuple, "inference": str}
+        return cls(**{k: f(out[k]) for k, f in read.items() if out.get(k) is not None and (k != "activation" or out[k])})
 
     @property
     def softmax(self) -> bool:

@@ -72,10 +72,11 @@ def input_channels(card: Dict[str, Any], config: Optional[Dict[str, Any]] = None
 
 
 def default_size(card: Dict[str, Any]) -> Tuple[int, int]:
-    size = _preset_input(card).get("size")
-    if not size:
+    from ... import models
+    size = models.Inputs.of(_preset_input(card)).size
+    if size is None:
         raise OnnxError(f"model {card.get('name')!r} has no input size in its card or preset; pass size=(H, W)")
-    return int(size[0]), int(size[1])
+    return size
 
 
 def check_size(card: Dict[str, Any], size: Sequence[int]) -> Tuple[int, int]:
