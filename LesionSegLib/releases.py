@@ -15,6 +15,8 @@ from .weights import InstalledWeights, WeightsError, sha256_file
 RELEASE_ENV_VAR = "LESIONSEG_RELEASE_WEIGHTS"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lesionseg.release-manifest"
+#: output rules a release may set beside its file (``with_release_outputs``)
+RELEASE_OUTPUT_KEYS = ("threshold", "seed_threshold")
 _verified: Dict[tuple, bool] = {}
 
 
@@ -72,6 +74,34 @@ def find_released(model: str, preset: Optional[str] = None) -> Optional[Installe
             verify_release(entry)
             return entry
     return None
+
+
+def shipped_entry(path) -> Optional[Dict[str, Any]]:
+    """The manifest entry of ``path`` when it is one of the shipped files (in
+    :func:`release_dir`, listed under its name, of the listed size), else None."""
+    path = Path(path)
+    try:
+        if path.resolve().parent != release_dir().resolve():
+            return None
+        entry = next((f for f in release_manifest()["files"] if f["file"] == path.name), None)
+        return entry if entry is not None and path.stat().st_size == int(entry["size"]) else None
+    except (OSError, WeightsError):
+        return None
+
+
+def with_release_outputs(card: Dict[str, Any], entry: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``card`` with the output rules a release chose after training (the manifest entry's
+    ``outputs``, e.g. a seed threshold picked on the validation split) over its preset's:
+    the file itself is committed once and never rewritten, so such choices live beside it."""
+    extra = {k: v for k, v in ((entry or {}).get("outputs") or {}).items() if k in RELEASE_OUTPUT_KEYS}
+    if not extra or not isinstance(card.get("preset"), dict):
+        return card
+    import copy
+    card = copy.deepcopy(card)
+    card["preset"]["outputs"] = dict(card["preset"].get("outputs", {}), **extra)
+    if isinstance(card.get("outputs"), dict):
+        card["outputs"] = dict(card["outputs"], **extra)
+    return card
 
 
 def no_weights_message(model: str, preset: Optional[str] = None) -> str:

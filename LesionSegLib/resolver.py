@@ -147,9 +147,15 @@ def load_network(source, preset: Optional[str] = None) -> LoadedNetwork:
     if ck.kind == "backbone":
         raise CheckpointError(f"{ck.path}: an ImageNet backbone ({ck.name}), not a segmentation network")
     provenance = dict(ck.provenance or {})
+    card = ck.card
     if ck.path:
         provenance.setdefault("checkpoint", Path(ck.path).name)
-    return LoadedNetwork(ck.model, ck.name, ck.card, ck.config, provenance, str(ck.path or ck.name))
+        from .releases import shipped_entry, with_release_outputs
+        entry = shipped_entry(ck.path)
+        card = with_release_outputs(card, entry)
+        if entry and entry.get("outputs"):
+            provenance["release_outputs"] = entry["outputs"]
+    return LoadedNetwork(ck.model, ck.name, card, ck.config, provenance, str(ck.path or ck.name))
 
 
 def network_card(name: str, stored_card: Optional[Dict[str, Any]], preset: Optional[str],

@@ -1,10 +1,10 @@
-"""Lesion table and small-lesion removal, with hand-computed values."""
+"""Lesion table, small-lesion removal and hysteresis (seeded lesions), with hand-computed values."""
 import numpy as np
 import pytest
 
 from LesionSegLib import models
 from LesionSegLib.inference import lesion_table, remove_small_lesions
-from LesionSegLib.inference.postprocess import size_level
+from LesionSegLib.inference.postprocess import remove_unseeded_lesions, size_level
 
 LEVELS = models.card("msenet")["lesion_size_levels"]
 
@@ -70,3 +70,15 @@ def test_remove_small_lesions_in_place():
     assert remove_small_lesions(mask, (0.5, 1.0, 2.0), 24.0) == 0   # 24 mm³ is not below 24
     assert remove_small_lesions(mask, (0.5, 1.0, 2.0), 0.0) == 0
     assert remove_small_lesions(mask, (1, 1, 1), 25.0) == 1 and not mask.any()
+
+
+def test_remove_unseeded_lesions_keeps_lesions_holding_a_seed():
+    mask = two_lesions()
+    seeds = np.zeros_like(mask)
+    seeds[1, 9, 11] = True                   # a seed in the corner-connected pair only
+    assert remove_unseeded_lesions(mask, seeds) == 1                 # the 24-voxel block goes
+    assert mask.sum() == 2 and mask[0, 8, 10] and mask[1, 9, 11]     # the pair stays whole
+    seeds[:] = False
+    seeds[2, 3, 4] = True                    # a seed outside every lesion keeps nothing
+    assert remove_unseeded_lesions(mask, seeds) == 1 and not mask.any()
+    assert remove_unseeded_lesions(mask, seeds) == 0                 # an empty mask

@@ -329,3 +329,46 @@ def test_only_stroke_cards_and_presets_grade_lesions_by_size(pointwise):
     assert msenet.size_levels == models.card("msenet")["lesion_size_levels"]
     stroke_unet = Predictor(models.create("unet", preset="stroke-dwi"), preset="stroke-dwi", device="cpu")
     assert stroke_unet.size_levels == msenet.size_levels
+
+
+def two_squares():
+    """A bright square (probability ≈ 1 under the pointwise network) and a dim one (≈ 0.8)."""
+    img = np.full((48, 64), 40, np.uint8)
+    img[10:22, 4:20] = 250
+    img[26:40, 30:50] = 200
+    return img
+
+
+def test_a_seed_threshold_keeps_only_lesions_that_reach_it(pointwise):
+    img = two_squares()
+    probs = pointwise.predict_image(img, return_probabilities=True).probabilities[0]
+    assert probs[15, 10] > 0.99 and 0.5 < probs[30, 40] < 0.9          # the premise
+    assert pointwise.seed_threshold is None and len(pointwise.predict_image(img).lesions) == 2
+    kept = pointwise.predict_image(img, seed_threshold=0.95)
+    assert len(kept.lesions) == 1 and kept.info["seed_threshold"] == 0.95
+    assert kept.labels[15, 10] == 1 and kept.labels[30, 40] == 0
+    assert kept.masks[1][15, 10] and not kept.masks[1][30, 40]
+    assert pointwise.predict_image(img, seed_threshold=0).info["seed_threshold"] is None
+    with pytest.raises(InputError, match="seed threshold 0.4 must be above the threshold 0.5"):
+        pointwise.predict_image(img, seed_threshold=0.4)
+    with pytest.raises(InputError, match="seed threshold"):
+        pointwise.predict_image(img, seed_threshold=1.5)
+
+
+def test_a_seed_threshold_judges_volumes_by_their_3d_lesions(pointwise):
+    """A dim region is kept when it reaches a seed in another slice: lesions are 3-D."""
+    hu = np.full((4, 40, 48), -850, np.int16)
+    hu[0:2, 4:12, 4:12] = 200      # bright: probability ≈ 1
+    hu[0:2, 20:32, 20:32] = -180   # dim: probability ≈ 0.75
+    def run(volume):
+        img = sitk.GetImageFromArray(volume)
+        img.SetSpacing((0.8, 0.8, 2.0))
+        return pointwise.predict_volume(img, mode="native", seed_threshold=0.95, return_probabilities=True)
+    alone = run(hu)
+    assert 0.5 < alone.probabilities[0, 0, 25, 25] < 0.9 and alone.probabilities[0, 0, 8, 8] > 0.99
+    labels = sitk.GetArrayFromImage(alone.labels)
+    assert len(alone.lesions) == 1 and labels[0, 8, 8] == 1 and not labels[:, 20:32, 20:32].any()
+    hu[2, 24:28, 24:28] = 200      # a bright core in the next slice seeds the dim region
+    joined = run(hu)
+    labels = sitk.GetArrayFromImage(joined.labels)
+    assert len(joined.lesions) == 2 and labels[0:2, 20:32, 20:32].all()

@@ -72,6 +72,16 @@ def _baseline_details(b, stem: str) -> list:
     return out
 
 
+def _output_rule_sentence(entry) -> str:
+    seed, sel = (entry.get("outputs") or {}).get("seed_threshold"), entry.get("outputs_selection")
+    if not seed or not sel:
+        return ""
+    before = (sel.get("heldout_at_release") or {}).get("dice")
+    return (f" Output rule: a lesion is kept only where a pixel reaches probability {seed:g} (hysteresis against "
+            f"false alarms), chosen on the {sel['validation_images']} validation images "
+            f"(`scripts/tune_release_outputs.py`); held-out Dice without it {_f(before)}.")
+
+
 def section(folder: Path) -> str:
     manifest = releases.release_manifest(folder)
     lines = [BEGIN, "", "## Shipped weights (`weights/`, held-out test split)", "",
@@ -93,11 +103,13 @@ def section(folder: Path) -> str:
         if not path.is_file():
             continue
         _, _, prov = checkpoint.read_metadata(path)
-        per_class = prov.get("heldout_per_class") or {}
+        # a release rescored with an output rule chosen later: the manifest holds the new table
+        per_class = f["metrics"].get("heldout_per_class") or prov.get("heldout_per_class") or {}
         hist = prov.get("training", {})
         details += [f"### {name} / `{f['preset']}`", "",
                     f"Selected epoch {int(hist.get('best_epoch', -1)) + 1} of {f['training'].get('epochs', '?')}; "
-                    f"validation Dice {_f((prov.get('metrics') or {}).get('val_dice'))}.", ""]
+                    f"validation Dice {_f((prov.get('metrics') or {}).get('val_dice'))}."
+                    + _output_rule_sentence(f), ""]
         if len(per_class) > 1 or any("aupr" in e for e in per_class.values()):
             details += ["| class | images with lesion | Dice | Dice (lesion images) | IoU | HD95 px | AUPR |",
                         "|---|---:|---:|---:|---:|---:|---:|"]

@@ -45,6 +45,20 @@ def _agreement_line(record) -> str:
             f"{b['min_dice']:.4f}, {b['count_mismatches']} with another lesion count; {verdict}")
 
 
+def _output_rule_rows(entry) -> list:
+    """The rule a release chose after training (``scripts/tune_release_outputs.py``)."""
+    seed = (entry.get("outputs") or {}).get("seed_threshold")
+    sel = entry.get("outputs_selection")
+    if not sel:
+        return []
+    tried = ", ".join(f"{'none' if s == '0' else s}: {d:.3f}" for s, d in sel["validation_dice"].items())
+    before = sel.get("heldout_at_release") or {}
+    rule = (f"a lesion is kept only where one of its pixels reaches probability {seed:g} (hysteresis; "
+            f"`--seed-threshold 0` turns it off)" if seed else "none (no seed threshold helped)")
+    return [f"| output rule | {rule}; chosen on the {sel['validation_images']} validation images "
+            f"({sel['rule']}; mean validation Dice {tried}); held-out Dice without it: {_fmt(before.get('dice'))} |"]
+
+
 def card_markdown(entry, heldout, provenance, info) -> str:
     name = models.card(entry["model"])["display_name"]
     hist = provenance.get("training", {})
@@ -63,9 +77,11 @@ def card_markdown(entry, heldout, provenance, info) -> str:
              f"| selected checkpoint | epoch {int(hist.get('best_epoch', -1)) + 1} of {info['epochs']} (highest "
              f"validation Dice, {_fmt(metrics.get('val_dice'))}) |",
              f"| data licence | {info['licence']} |",
-             f"| CPU bf16 (`precision=auto`) | {_agreement_line(entry.get('precision_agreement'))} |", "",
+             f"| CPU bf16 (`precision=auto`) | {_agreement_line(entry.get('precision_agreement'))} |",
+             *_output_rule_rows(entry), "",
              f"## Held-out test metrics ({heldout.summary['images']} images never trained on or used for selection)", "",
-             "Computed with `lesionseg predict`'s path (the predictor at the card's input size, the card's threshold) "
+             "Computed with `lesionseg predict`'s path (the predictor at the card's input size, the card's threshold "
+             "and output rule) "
              "on the original files. Dice/IoU: mean over images (an image without the lesion scores 1 when nothing is "
              "predicted); \"Dice (lesion images)\": mean over images that have the lesion; HD95 in pixels of the "
              "original image, over images with the lesion.", ""]
@@ -80,7 +96,9 @@ def card_markdown(entry, heldout, provenance, info) -> str:
               + (f", mean AUPR {_fmt(s['mean_aupr'])}" if multi else "") + ".", ""]
     if info.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in info["notes"]] + [""]
-    lines += ["## Reproduce", "", "```bash", info["command"], "```", ""]
+    tune = ([f"python scripts/tune_release_outputs.py {Path(entry['file']).stem}   # the output rule"]
+            if entry.get("outputs_selection") else [])
+    lines += ["## Reproduce", "", "```bash", info["command"], *tune, "```", ""]
     return "\n".join(lines)
 
 

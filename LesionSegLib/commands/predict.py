@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     out = p.add_argument_group("results")
     out.add_argument("--threshold", type=probability_arg,
                      help="probability threshold, between 0 and 1 (default: the card's)")
+    out.add_argument("--seed-threshold", type=arg_type(number, lo=0.0, hi=1.0, hi_open=True),
+                     help="keep only lesions with a pixel at or above this probability (hysteresis; default: "
+                          "the weights' own rule where they have one; 0 keeps every lesion)")
     out.add_argument("--min-lesion-size", type=arg_type(number, lo=0.0), default=0.0,
                      help="drop lesions smaller than this (mm³ for volumes, mm² or pixels for images)")
     out.add_argument("--probabilities", action="store_true", help="also write probability maps")
@@ -104,6 +107,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .. import resolver
     from ..inference import Predictor
     from ..inference import io as lio
+    from ..preprocessing import InputError
     from ..weights import WeightsError
     if args.random_weights and not args.checkpoint:
         print(f"lesionseg predict: warning: --random-weights: {args.model} has random weights "
@@ -123,9 +127,17 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(source, preset=args.preset, device=args.device, precision=args.precision,
                           batch_size=batch, tta=args.tta, compile=args.compile, backend=backend,
                           calibration=args.calibration)
+    try:  # an impossible pair of thresholds fails once, not once per file
+        thr, seed = predictor.outputs.decision(args.threshold, args.seed_threshold)
+    except InputError as e:
+        print(f"lesionseg predict: error: {e}", file=sys.stderr)
+        return 2
     if not args.quiet:
         print(f"lesionseg predict: {predictor.name} ({predictor.preset}), {predictor.device_message}, "
               f"{predictor.precision}", file=sys.stderr)
+        if seed:
+            print(f"lesionseg predict: keeping only lesions with a pixel at probability ≥ {seed:g} (threshold "
+                  f"{thr:g}; --seed-threshold 0 keeps every lesion)", file=sys.stderr)
 
     files, problems = lio.list_inputs(args.inputs, recursive=args.recursive, exclude=[out_dir])
     created = not out_dir.exists()
@@ -222,7 +234,8 @@ def _predict_file(predictor, path: Path, out_dir: Path, names, args, window, bar
     if dim == 3:
         if args.mode == "tile":
             raise InputError("--mode tile is for 2-D images; volumes are processed slice by slice")
-        pred = predictor.predict_volume(image, threshold=args.threshold, min_lesion_size_mm3=args.min_lesion_size,
+        pred = predictor.predict_volume(image, threshold=args.threshold, seed_threshold=args.seed_threshold,
+                                        min_lesion_size_mm3=args.min_lesion_size,
                                         return_probabilities=args.probabilities, mode=args.mode, window=window,
                                         progress=bar)
         label_img = pred.labels
@@ -230,7 +243,8 @@ def _predict_file(predictor, path: Path, out_dir: Path, names, args, window, bar
         array = sitk.GetArrayFromImage(image)
         photo = ext in lio.PHOTO_EXTS
         pred = predictor.predict_image(array, mode=args.mode, tile_overlap=args.tile_overlap,
-                                       threshold=args.threshold, return_probabilities=args.probabilities,
+                                       threshold=args.threshold, seed_threshold=args.seed_threshold,
+                                       return_probabilities=args.probabilities,
                                        spacing=None if photo else image.GetSpacing(),
                                        min_lesion_size_mm2=args.min_lesion_size, window=window, progress=bar)
         label_img = sitk.GetImageFromArray(pred.labels)

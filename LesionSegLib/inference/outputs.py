@@ -4,7 +4,7 @@ what a prediction returns (:class:`Prediction`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ import torch
 from .. import models
 from ..preprocessing import InputError
 from ..jobs import Progress
-from .postprocess import lesion_table, remove_small_lesions
+from .postprocess import lesion_table, remove_small_lesions, remove_unseeded_lesions
 
 
 @dataclass
@@ -48,6 +48,7 @@ class OutputRules:
         if self.activation not in ("sigmoid", "softmax"):
             raise InputError(f"{name}: unsupported output activation {self.activation!r}")
         self.threshold = spec.threshold
+        self.seed_threshold = spec.seed_threshold
         n_cls = len(classes)
         self.channels = spec.channels_for(n_cls)
         expected = n_cls + 1 if self.activation == "softmax" else n_cls
@@ -61,6 +62,27 @@ class OutputRules:
         lut = ([0] + self.values) if self.activation == "softmax" else self.values
         self._lut = torch.tensor(lut, dtype=torch.uint8, device=device)
 
+    def decision(self, threshold: Optional[float] = None,
+                 seed_threshold: Optional[float] = None) -> Tuple[float, Optional[float]]:
+        """(threshold, seed threshold or None) of a run: the card's unless given. A lesion
+        is the connected region above the threshold; with a seed threshold (hysteresis,
+        e.g. a release's choice against false alarms) only regions holding a pixel at or
+        above it are kept. ``seed_threshold=0`` keeps every region."""
+        from ..validation import OptionError, threshold as valid
+        try:
+            thr = self.threshold if threshold is None else valid(threshold)
+            if seed_threshold == 0:
+                return thr, None
+            seed = self.seed_threshold if seed_threshold is None else valid(seed_threshold, "the seed threshold")
+        except OptionError as e:
+            raise InputError(str(e)) from None
+        if seed is not None and seed <= thr:
+            if seed_threshold is None:  # the card's rule under a higher threshold keeps every region
+                return thr, None
+            raise InputError(f"the seed threshold {seed:g} must be above the threshold {thr:g} (a lesion is kept "
+                             f"where one of its pixels reaches the seed threshold); 0 turns the rule off")
+        return thr, seed
+
     def check(self, logits: torch.Tensor) -> None:
         if logits.shape[1] != self.channels:
             raise InputError(f"{self.name}: the network produced {logits.shape[1]} output channel(s), "
@@ -69,9 +91,10 @@ class OutputRules:
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=1)
 
-    def decide(self, probs: torch.Tensor, threshold: float, keep_probs: bool) -> Dict[str, Optional[torch.Tensor]]:
-        """Labels (B, …) uint8, multi-label masks (K, B, …) and class probabilities
-        (C, B, …), on the device."""
+    def decide(self, probs: torch.Tensor, threshold: float, keep_probs: bool,
+               seed_threshold: Optional[float] = None) -> Dict[str, Optional[torch.Tensor]]:
+        """Labels (B, …) uint8, multi-label masks (K, B, …), class probabilities (C, B, …)
+        and, with ``seed_threshold``, the seeds of hysteresis (C, B, …) bool, on the device."""
         masks = None
         if self.activation == "softmax":
             labels = self._lut[probs.argmax(1)]
@@ -86,20 +109,26 @@ class OutputRules:
                                                                              device=probs.device))
             masks = above.transpose(0, 1)
             class_probs = probs
-        return {"labels": labels, "masks": masks,
+        seeds = (class_probs >= seed_threshold).transpose(0, 1) if seed_threshold else None
+        return {"labels": labels, "masks": masks, "seeds": seeds,
                 "probs": class_probs.transpose(0, 1).float() if keep_probs else None}
 
     def postprocess(self, labels: np.ndarray, ml_masks: Optional[np.ndarray], spacing, min_size: float,
-                    prog: Progress, *, origin=None, direction=None, slice_axis: int = 0, levels=None):
-        """(class value → mask, lesion rows): lesions below ``min_size`` removed (from
-        ``labels`` too), then the lesion table of every class."""
+                    prog: Progress, *, seeds: Optional[np.ndarray] = None, origin=None, direction=None,
+                    slice_axis: int = 0, levels=None):
+        """(class value → mask, lesion rows): lesions without a seed (``seeds``: (C, …)
+        bool, hysteresis) and lesions below ``min_size`` removed (from ``labels`` too),
+        then the lesion table of every class."""
         values = self.values
         masks: Dict[int, np.ndarray] = {}
         removed_any = False
         for i, v in enumerate(values):
             prog.check()
             m = ml_masks[i] if ml_masks is not None else labels == v
-            if min_size and min_size > 0 and remove_small_lesions(m, spacing, min_size):
+            removed = remove_unseeded_lesions(m, seeds[i]) if seeds is not None else 0
+            if min_size and min_size > 0:
+                removed += remove_small_lesions(m, spacing, min_size)
+            if removed:
                 removed_any = True
                 if ml_masks is None:
                     labels[(labels == v) & ~m] = 0

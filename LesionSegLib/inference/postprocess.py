@@ -67,6 +67,20 @@ def remove_small_lesions(mask: np.ndarray, spacing: Sequence[float], min_size_mm
     return int(small.size)
 
 
+def remove_unseeded_lesions(mask: np.ndarray, seeds: np.ndarray) -> int:
+    """Clear, in place, every lesion of ``mask`` (bool) that holds no pixel of ``seeds``
+    (bool, same shape): hysteresis thresholding, where ``mask`` is the probability above
+    the threshold and ``seeds`` above the higher seed threshold. Returns how many were removed."""
+    labels, box, voxels = connected_lesions(mask)
+    if labels is None:
+        return 0
+    seeded = np.unique(labels[np.asarray(seeds)[box] & (labels > 0)])
+    unseeded = np.setdiff1d(np.arange(1, voxels.size), seeded)
+    if unseeded.size:
+        mask[box][np.isin(labels, unseeded)] = False
+    return int(unseeded.size)
+
+
 def size_level(area_mm2: float, levels: Optional[Dict[str, Any]]) -> Optional[str]:
     """Name of the size level of a lesion whose largest cross-section is ``area_mm2``."""
     if not levels:

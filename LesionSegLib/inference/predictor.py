@@ -147,6 +147,7 @@ class Predictor:
     slice_context = property(lambda self: self.inputs.slice_context)
     activation = property(lambda self: self.outputs.activation)
     threshold = property(lambda self: self.outputs.threshold)
+    seed_threshold = property(lambda self: self.outputs.seed_threshold)
     out_channels = property(lambda self: self.outputs.channels)
     multi_label = property(lambda self: self.outputs.multi_label)
 
@@ -207,6 +208,7 @@ class Predictor:
     def predict_volume(self, image, *, spacing: Optional[Sequence[float]] = None,
                        origin: Optional[Sequence[float]] = None, direction: Optional[Sequence[float]] = None,
                        threshold: Optional[float] = None, min_lesion_size_mm3: float = 0.0,
+                       seed_threshold: Optional[float] = None,
                        return_probabilities: bool = False, mode: str = "resize", window: Optional[dict] = None,
                        progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Prediction:
         """Segment a 3-D volume slice by slice along its axis closest to axial.
@@ -215,8 +217,10 @@ class Predictor:
         (z, y, x[, components]) with ``spacing``/``origin``/``direction`` in ITK order.
         ``mode``: ``resize`` each slice to the card's input size (default) or run it at
         ``native`` resolution (padded to the size divisor). ``window`` overrides the
-        preset's CT window. ``threshold`` overrides the card's (sigmoid outputs).
-        Returns labels on exactly the input grid (size, spacing, origin, direction).
+        preset's CT window. ``threshold`` overrides the card's (sigmoid outputs);
+        ``seed_threshold`` the card's hysteresis (0: keep every lesion; see
+        :meth:`OutputRules.decision`). Returns labels on exactly the input grid (size, spacing, origin,
+        direction).
         """
         import SimpleITK as sitk
         start = time.perf_counter()
@@ -231,14 +235,16 @@ class Predictor:
                              f"slice cannot be segmented as a volume (use predict_image on its 2-D array)")
         plan = self.inputs.plan(array, components, window)
         resize_to, pad_to, net_size = self.inputs.sizes((ny, nx), mode)
-        thr = self.threshold if threshold is None else _valid_threshold(threshold)
+        thr, seed = self.outputs.decision(threshold, seed_threshold)
         n_cls = len(self.classes)
 
         labels = np.zeros(canon.shape, np.uint8)
         ml_masks = np.zeros((n_cls,) + canon.shape, bool) if self.multi_label else None
         probs = np.zeros((n_cls,) + canon.shape, np.float32) if return_probabilities else None
+        seeds = np.zeros((n_cls,) + canon.shape, bool) if seed else None
         views = (canon.view(labels), None if ml_masks is None else canon.view_leading(ml_masks),
-                 None if probs is None else canon.view_leading(probs))
+                 None if probs is None else canon.view_leading(probs),
+                 None if seeds is None else canon.view_leading(seeds))
 
         key = (*net_size, plan.channels)
         batch = self._batch_for(net_size, plan.channels)
@@ -260,7 +266,7 @@ class Predictor:
                     x = self.inputs.tensor(stager.upload(block), plan, resize_to, pad_to)
                     p = self._probabilities(x, out_size=(ny, nx) if resize_to else None,
                                             crop=(ny, nx) if pad_to else None)
-                    handle = stager.download(self.outputs.decide(p, thr, return_probabilities))
+                    handle = stager.download(self.outputs.decide(p, thr, return_probabilities, seed))
                 except Exception as e:  # out of memory: smaller batches, same slices again
                     batch = self._batches.shrink_after(e, z1 - z0, key)
                     used = min(used, batch)
@@ -276,7 +282,7 @@ class Predictor:
         post = prog.span(0.9, 1.0)
         post(0.0, "post-processing")
         masks, lesions = self.outputs.postprocess(labels, ml_masks, geom["spacing"], min_lesion_size_mm3, post,
-                                                  origin=geom["origin"], direction=geom["direction"],
+                                                  seeds=seeds, origin=geom["origin"], direction=geom["direction"],
                                                   slice_axis=canon.slice_axis, levels=self.size_levels)
         out = sitk.GetImageFromArray(labels)
         if sitk_image is not None:
@@ -287,7 +293,7 @@ class Predictor:
             out.SetDirection(geom["direction"])
         info = {"device": self.device, "precision": self.precision, "batch_size": used, "slices": nz,
                 "network_input": list(net_size), "mode": mode, "slice_axis": canon.slice_axis,
-                "orientation": canon.describe(geom["direction"]), "threshold": thr,
+                "orientation": canon.describe(geom["direction"]), "threshold": thr, "seed_threshold": seed,
                 "nonfinite_voxels": plan.affine.nonfinite, "seconds": time.perf_counter() - start}
         prog.done("done")
         return Prediction(out, masks, probs, self.classes, lesions, info)
@@ -295,7 +301,7 @@ class Predictor:
     # ------------------------------------------------------------------ images
     def predict_image(self, image: np.ndarray, *, mode: str = "resize", tile_overlap: float = 0.25,
                       tile_size: Optional[Tuple[int, int]] = None, threshold: Optional[float] = None,
-                      return_probabilities: bool = False, spacing: Optional[Sequence[float]] = None,
+                      seed_threshold: Optional[float] = None, return_probabilities: bool = False, spacing: Optional[Sequence[float]] = None,
                       min_lesion_size_mm2: float = 0.0, window: Optional[dict] = None,
                       progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Prediction:
         """Segment a 2-D image, (H, W) grey or (H, W, C) colour / multi-channel.
@@ -305,7 +311,8 @@ class Predictor:
         ``tile_size``, default the card's input size, overlapping by ``tile_overlap``,
         blended). ``spacing`` (x, y) in mm makes lesion areas mm² and enables size
         levels; without it areas are in pixels. ``min_lesion_size_mm2`` drops smaller
-        lesions (pixels without spacing)."""
+        lesions (pixels without spacing). ``threshold`` and ``seed_threshold``: as in
+        :meth:`predict_volume`."""
         start = time.perf_counter()
         prog = Progress(progress, cancel)
         prog(0.0, "preparing")
@@ -320,7 +327,7 @@ class Predictor:
         components = img.shape[2] if img.ndim == 3 else 1
         plan = self.inputs.plan(img, components, window)
         h, w = img.shape[:2]
-        thr = self.threshold if threshold is None else _valid_threshold(threshold)
+        thr, seed = self.outputs.decision(threshold, seed_threshold)
         stager = Stager(self._device)
         block = img[None]
         with torch.inference_mode():
@@ -339,7 +346,7 @@ class Predictor:
                     self._batches.shrink_after(e, 1, net_size)
                     raise
                 used = 1
-            res = Stager.collect(stager.download(self.outputs.decide(probs_dev, thr, return_probabilities)))
+            res = Stager.collect(stager.download(self.outputs.decide(probs_dev, thr, return_probabilities, seed)))
         prog(0.9, "post-processing")
         labels = res["labels"][0]
         ml = None if res["masks"] is None else res["masks"][:, 0]
@@ -349,10 +356,12 @@ class Predictor:
         if ml is not None:
             ml = ml.copy()
         px = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0)
+        seeds = None if res["seeds"] is None else res["seeds"][:, 0]
         masks, lesions = self.outputs.postprocess(labels, ml, px, min_lesion_size_mm2, prog.span(0.9, 1.0),
-                                                  levels=self.size_levels if spacing is not None else None)
+                                                  seeds=seeds, levels=self.size_levels if spacing is not None else None)
         info = {"device": self.device, "precision": self.precision, "batch_size": used, "mode": mode,
-                "threshold": thr, "nonfinite_voxels": plan.affine.nonfinite, "seconds": time.perf_counter() - start}
+                "threshold": thr, "seed_threshold": seed, "nonfinite_voxels": plan.affine.nonfinite,
+                "seconds": time.perf_counter() - start}
         prog.done("done")
         return Prediction(labels, masks, probs, self.classes, lesions, info)
 
@@ -383,18 +392,12 @@ class Predictor:
         return blender.result()[:, :shape[0], :shape[1]].unsqueeze(0)
 
 
-def _valid_threshold(value) -> float:
-    from ..validation import OptionError, threshold
-    try:
-        return threshold(value)
-    except OptionError as e:
-        raise InputError(str(e)) from None
-
-
 def _write_slices(pending, views) -> None:
     z0, z1, handle = pending
     res = Stager.collect(handle)
-    lview, mview, pview = views
+    lview, mview, pview, sview = views
+    if sview is not None:
+        sview[:, z0:z1] = res["seeds"]
     lview[z0:z1] = res["labels"]
     if mview is not None and res["masks"] is not None:
         mview[:, z0:z1] = res["masks"]

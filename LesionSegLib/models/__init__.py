@@ -91,13 +91,16 @@ class Outputs:
     edge_output: bool = False
     names: Tuple[str, ...] = ()
     inference: Optional[str] = None
+    # hysteresis: a lesion (connected region above ``threshold``) is kept only where one of
+    # its pixels reaches ``seed_threshold``; None keeps every region
+    seed_threshold: Optional[float] = None
 
     @classmethod
     def of(cls, card_or_outputs: Mapping[str, Any]) -> "Outputs":
         """From a card or preset (its ``outputs`` entry) or from the ``outputs`` entry itself."""
         out = card_or_outputs.get("outputs", card_or_outputs)
         read = {"activation": str, "threshold": float, "channels": int, "multi_label": bool, "edge_output": bool,
-                "names": tuple, "inference": str}
+                "names": tuple, "inference": str, "seed_threshold": float}
         return cls(**{k: f(out[k]) for k, f in read.items() if out.get(k) is not None and (k != "activation" or out[k])})
 
     @property

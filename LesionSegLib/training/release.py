@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,12 +39,25 @@ class HeldOut:
     summary: Dict[str, float]
 
 
-def heldout_pairs(items: Sequence[ImagePair], split) -> List[ImagePair]:
-    """The pairs of the ``test`` cases of ``split`` (a dict or JSON file)."""
+def heldout_pairs(items: Sequence[ImagePair], split, part: str = "test") -> List[ImagePair]:
+    """The pairs of the ``test`` (or ``val``) cases of ``split`` (a dict or JSON file)."""
     if not isinstance(split, dict):
         split = json.loads(Path(split).read_text(encoding="utf-8"))
-    test = set(split.get("test") or [])
-    return [it for it in items if it.case in test]
+    cases = set(split.get(part) or [])
+    return [it for it in items if it.case in cases]
+
+
+def split_pairs(name: str, preset: str, data: Dict[str, Any], recipe: Dict[str, Any],
+                part: str = "test") -> Tuple[List[ImagePair], List[Path]]:
+    """(pairs of the ``part`` cases, data folders) of a run's split, from its ``data`` and
+    ``recipe`` records (a run folder's ``data.json``/``recipe.json``, or a release file's
+    provenance): the same folders, case rule and split file the run used."""
+    from ..data.sources import target_spec
+    from .data_prep import folder_items
+    spec = target_spec(name, models.preset(name, preset))
+    roots = [Path(r) for r in (data["root"] if isinstance(data["root"], list) else [data["root"]])]
+    items = folder_items(roots, spec, recipe, {})
+    return heldout_pairs(items, data["split"]["source"], part), roots
 
 
 def _nanmean(values) -> float:
@@ -126,20 +139,15 @@ def evaluate_run(run_dir, limit: Optional[int] = None, progress=None) -> RunEval
     users get: the weights rounded to fp16 (the release format), computed in fp32 (the
     reference of every lower precision)."""
     from ..checkpoint import load
-    from ..data.sources import target_spec
     from ..inference import Predictor
-    from .data_prep import folder_items
     run_dir = Path(run_dir)
     data = json.loads((run_dir / "data.json").read_text(encoding="utf-8"))
     recipe = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8"))
     shipped = load(run_dir / "best.pt")
     shipped.model.half().float()
     predictor = Predictor(shipped, device="cpu", precision="fp32")
-    from .. import models
-    spec = target_spec(predictor.name, models.preset(predictor.name, predictor.preset))
-    roots = [Path(r) for r in (data["root"] if isinstance(data["root"], list) else [data["root"]])]
-    items = folder_items(roots, spec, recipe, {})
-    pairs = heldout_pairs(items, data["split"]["source"])[:limit]
+    pairs, roots = split_pairs(predictor.name, predictor.preset, data, recipe)
+    pairs = pairs[:limit]
     return RunEvaluation(evaluate_heldout(predictor, pairs, progress=progress), shipped, pairs, data, roots)
 
 
@@ -162,11 +170,11 @@ def add_baseline(out_dir, release_file: str, baseline: Dict[str, Any]) -> Dict[s
     if entry is None:
         raise ValueError(f"{release_file}: not in {Path(out_dir) / MANIFEST_NAME}")
     entry["baseline"] = baseline
-    _write_manifest(out_dir, manifest)
+    write_manifest(out_dir, manifest)
     return entry
 
 
-def _write_manifest(out_dir, manifest: Dict[str, Any]) -> None:
+def write_manifest(out_dir, manifest: Dict[str, Any]) -> None:
     from ..releases import MANIFEST_NAME
     with atomic_path(Path(out_dir) / MANIFEST_NAME) as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -207,5 +215,5 @@ def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info
     manifest = {"format": MANIFEST_FORMAT, "version": 1,
                 "files": [f for f in manifest["files"] if f["file"] != entry["file"]] + [entry]}
     manifest["files"].sort(key=lambda f: f["file"])
-    _write_manifest(out_dir, manifest)
+    write_manifest(out_dir, manifest)
     return entry
