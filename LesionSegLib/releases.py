@@ -5,6 +5,7 @@ before use. :func:`LesionSegLib.weights.find` falls back to these when the user 
 installed none."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -96,7 +97,6 @@ def with_release_outputs(card: Dict[str, Any], entry: Optional[Dict[str, Any]]) 
     extra = {k: v for k, v in ((entry or {}).get("outputs") or {}).items() if k in RELEASE_OUTPUT_KEYS}
     if not extra or not isinstance(card.get("preset"), dict):
         return card
-    import copy
     card = copy.deepcopy(card)
     card["preset"]["outputs"] = dict(card["preset"].get("outputs", {}), **extra)
     if isinstance(card.get("outputs"), dict):

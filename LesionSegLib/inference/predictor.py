@@ -219,8 +219,8 @@ class Predictor:
         ``native`` resolution (padded to the size divisor). ``window`` overrides the
         preset's CT window. ``threshold`` overrides the card's (sigmoid outputs);
         ``seed_threshold`` the card's hysteresis (0: keep every lesion; see
-        :meth:`OutputRules.decision`). Returns labels on exactly the input grid (size, spacing, origin,
-        direction).
+        :meth:`OutputRules.decision`). Returns labels on exactly the input grid (size,
+        spacing, origin, direction).
         """
         import SimpleITK as sitk
         start = time.perf_counter()
@@ -301,7 +301,8 @@ class Predictor:
     # ------------------------------------------------------------------ images
     def predict_image(self, image: np.ndarray, *, mode: str = "resize", tile_overlap: float = 0.25,
                       tile_size: Optional[Tuple[int, int]] = None, threshold: Optional[float] = None,
-                      seed_threshold: Optional[float] = None, return_probabilities: bool = False, spacing: Optional[Sequence[float]] = None,
+                      seed_threshold: Optional[float] = None, return_probabilities: bool = False,
+                      spacing: Optional[Sequence[float]] = None,
                       min_lesion_size_mm2: float = 0.0, window: Optional[dict] = None,
                       progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Prediction:
         """Segment a 2-D image, (H, W) grey or (H, W, C) colour / multi-channel.
