@@ -32,9 +32,9 @@ PAPER = {
 
 # Why a release has no baseline yet (shown in the section)
 MISSING_BASELINE = {
-    "m2snet-polyp": "the U-Net's fp32 step of 16 images at 224² took about 30 s on the AVX2-only AMD EPYC of the "
-                    "session that trained the baselines (no native bf16 there), about 7 hours for the release's 840 "
-                    "steps; `scripts/train_unet_baselines.sh polyp` runs it",
+    "m2snet-polyp": "the U-Net's fp32 step of 16 images at 224² takes 16–18 s on two threads of the AVX2-only AMD "
+                    "EPYC of the sessions since (no native bf16 there; measured 2026-12-02), about 4 hours for the "
+                    "release's 840 steps, longer than a session; `scripts/train_unet_baselines.sh polyp` runs it",
     "m2snet-breast-us": "the session that fine-tuned it had one AVX2-only CPU of two cores (fp32 only) and no "
                         "time left; the same budget for a U-Net means its polyp baseline first (the start of "
                         "these weights), then 20 epochs of 256 BUSI images at 224² on `weights/splits/busi.json`",
@@ -54,13 +54,26 @@ def _baseline_cell(b) -> str:
             f"({b['epochs_run']} of {b['epochs_planned']} epochs)")
 
 
+def _baseline_rule(b) -> str:
+    rule = b.get("output_rule")
+    if not rule:
+        return ""
+    tried = ", ".join(f"{'none' if k == '0' else k}: {v:.3f}" for k, v in rule["validation_dice"].items())
+    seed = rule.get("seed_threshold")
+    chosen = f"seed threshold {seed:g}" if seed else "no seed threshold"
+    return (f" Output rule chosen as the release's was (`scripts/evaluate_baseline.py --seed-grid`): {chosen} "
+            f"(mean validation Dice {tried}); held-out Dice without it "
+            f"{_f((b.get('heldout_without_rule') or b['heldout']).get('dice'))}.")
+
+
 def _baseline_details(b, stem: str) -> list:
     s = b["heldout"]
     out = [f"**Baseline** ({models.card(b['model'])['display_name']}, same data and split): {b['budget']}; "
            f"{b['hardware']}. Selected epoch {b['best_epoch']} of {b['epochs_run']} run "
            f"({b['epochs_planned']} planned); validation Dice {_f(b.get('val_dice'))}. Held-out: Dice {_f(s['dice'])}, "
            f"IoU {_f(s['iou'])}, HD95 {_f(s['hd95_px'], 1)} px"
-           + (f", mean AUPR {_f(s['mean_aupr'])}" if "mean_aupr" in s else "") + "."]
+           + (f", mean AUPR {_f(s['mean_aupr'])}" if "mean_aupr" in s else "") + "."
+           + _baseline_rule(b)]
     per_class = b.get("heldout_per_class") or {}
     if len(per_class) > 1:
         out += ["", "| baseline class | Dice | IoU | AUPR |", "|---|---:|---:|---:|"]
@@ -88,7 +101,8 @@ def section(folder: Path) -> str:
              "Each file's numbers come from `scripts/release_weights.py`: the run's best checkpoint (highest "
              "validation Dice) segments the **test** cases of its split file, which it never trained on nor was "
              "selected with, through the Predictor (the path of `lesionseg predict`), at the card's size and "
-             "threshold, scored on the original images. Full tables per class and per image: the card "
+             "threshold and with the file's output rule (chosen afterwards on the validation split by "
+             "`scripts/tune_release_outputs.py`), scored on the original images. Full tables per class and per image: the card "
              "(`weights/<name>.md`) and `weights/<name>.heldout.json`.", "",
              "| network / preset | test images | Dice | IoU | HD95 px | mean AUPR | U-Net baseline | paper | budget |",
              "|---|---:|---:|---:|---:|---:|---|---|---|"]
