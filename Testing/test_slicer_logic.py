@@ -508,3 +508,33 @@ def test_cli_and_slicer_batches_write_the_same_lesion_table_and_summary(logic, u
     assert cli_rows and {r["file"] for r in cli_rows} == {str(cases / "a.nii.gz"), str(cases / "b.nrrd")}
     key = ("file", "class", "lesion", "voxels")
     assert [tuple(r[k] for k in key) for r in cli_rows] == [tuple(r[k] for k in key) for r in slicer_rows]
+
+
+def test_seed_threshold_through_the_console_logic(scene, logic, unet_checkpoint, tmp_path):
+    """``segment(seedThreshold=…)``: a dim lesion (probability ≈ 0.8) is dropped at 0.95 and
+    kept by default (these weights carry no rule); a seed threshold at or below the
+    threshold is refused with the segmentation and the scene unchanged."""
+    rng = np.random.default_rng(0)
+    arr = 10 + rng.normal(0, 1, (12, 40, 40)).astype(np.float32)
+    arr[3:7, 5:12, 5:12] = 100     # bright lesion
+    arr[3:7, 22:32, 22:32] = 38    # dim lesion
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(img, str(tmp_path / "two.nrrd"))
+    vol = bridge.load_volume(scene, tmp_path / "two.nrrd")
+    probs = logic.predict(logic.inputImage(vol), model="unet", checkpoint=unet_checkpoint, preset=PRESET,
+                          probabilities=True).probabilities[0]
+    assert probs[5, 8, 8] > 0.99 and 0.5 < probs[5, 27, 27] < 0.9      # the premise
+
+    def lesion_mask(**kw):
+        seg = logic.segment(vol, model="unet", checkpoint=unet_checkpoint, preset=PRESET, **kw)
+        return seg, bridge.segment_mask(seg, bridge.segment_ids(seg)[0], vol)
+    seg, ruled = lesion_mask(seedThreshold=0.95)
+    assert ruled[5, 8, 8] and not ruled[5, 20:34, 20:34].any()
+    assert seg.GetAttribute("LesionSeg.seed threshold") == "0.95"
+    plain, every = lesion_mask()
+    assert every[5, 8, 8] and every[5, 27, 27] and plain.GetAttribute("LesionSeg.seed threshold") == "none"
+    before, nodes = _state(seg, vol), scene.GetNumberOfNodes()
+    with pytest.raises(LesionSegError, match="seed threshold 0.3 must be above the threshold 0.5"):
+        logic.segment(vol, seg, model="unet", checkpoint=unet_checkpoint, preset=PRESET, seedThreshold=0.3)
+    assert _state(seg, vol) == before and scene.GetNumberOfNodes() == nodes

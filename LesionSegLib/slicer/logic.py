@@ -156,13 +156,16 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
     def predict(self, image, model: str = "msenet", checkpoint=None, preset: Optional[str] = None,
                 device: str = "auto", threshold: Optional[float] = None, tta: bool = False,
                 probabilities: bool = False, minLesionSizeMm3: float = 0.0, progress: Optional[ProgressCallback] = None,
-                cancel=None, allowRandomWeights: bool = False):
+                cancel=None, allowRandomWeights: bool = False, seedThreshold: Optional[float] = None):
         """Run a network on a SimpleITK image (any thread; touches no MRML node).
         Single-slice images (photographs, 2D slices) go through ``predict_image`` (then
         ``minLesionSizeMm3`` is an area in mm²), volumes through ``predict_volume``; the
-        result is on the image's own grid."""
+        result is on the image's own grid. ``seedThreshold``: keep only lesions with a
+        voxel at or above this probability (default: the weights' own rule, if any; 0 keeps
+        every lesion)."""
         import numpy as np
         import SimpleITK as sitk
+        from ..preprocessing import InputError
         from ..validation import OptionError, number
         from ..validation import threshold as _threshold
         try:
@@ -173,13 +176,18 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
         prog = Progress(progress)
         prog(0.0, "loading network")
         pred = self.predictor(model, checkpoint, preset, device, tta, allowRandomWeights)
+        try:
+            pred.outputs.decision(threshold, seedThreshold)
+        except InputError as e:
+            raise LesionSegError(str(e)) from None
         prog(0.05, f"running {model} on {pred.device}")
         sub = prog.span(0.05, 1.0)
         if image.GetDimension() == 3 and image.GetSize()[2] == 1 or image.GetDimension() == 2:
             arr = sitk.GetArrayFromImage(image)
             arr = arr[0] if image.GetDimension() == 3 else arr
             # lesion areas in mm² from the image's pixel spacing; the size limit is then an area
-            result = pred.predict_image(arr, threshold=threshold, return_probabilities=probabilities,
+            result = pred.predict_image(arr, threshold=threshold, seed_threshold=seedThreshold,
+                                        return_probabilities=probabilities,
                                         spacing=tuple(image.GetSpacing())[:2],
                                         min_lesion_size_mm2=minLesionSizeMm3, progress=sub, cancel=cancel)
             # back to the (z, y, x) layout of a one-slice volume
@@ -195,7 +203,8 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
             if result.probabilities is not None:
                 result.probabilities = np.asarray(result.probabilities)[:, None]
         else:
-            result = pred.predict_volume(image, threshold=threshold, min_lesion_size_mm3=minLesionSizeMm3,
+            result = pred.predict_volume(image, threshold=threshold, seed_threshold=seedThreshold,
+                                         min_lesion_size_mm3=minLesionSizeMm3,
                                          return_probabilities=probabilities, progress=sub, cancel=cancel)
         nonfinite = int(result.info.get("nonfinite_voxels") or 0)
         if nonfinite:
@@ -364,11 +373,12 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
                 preset: Optional[str] = None, device: str = "auto", threshold: Optional[float] = None,
                 tta: bool = False, probabilityVolume: bool = False, classes=None, segmentIds=None,
                 editorLogic=None, minLesionSizeMm3: float = 0.0, progress: Optional[ProgressCallback] = None, cancel=None,
-                allowRandomWeights: bool = False):
+                allowRandomWeights: bool = False, seedThreshold: Optional[float] = None):
         """Segment ``volumeNode`` with ``model`` and return the segmentation node (a new one
         when ``segmentationNode`` is None), one segment per output class, on the volume's
         geometry. ``checkpoint``: a weight file or installed entry id (default: newest
-        installed for the model and preset). ``threshold`` overrides the card's.
+        installed for the model and preset). ``threshold`` overrides the card's,
+        ``seedThreshold`` the weights' hysteresis rule (see :meth:`predict`).
         ``probabilityVolume`` also adds one probability volume per class
         (:attr:`lastProbabilityVolumes`). ``progress(fraction, message)``;
         ``cancel``: an ``inference.CancelToken``. A cancelled or failing run raises and
@@ -378,7 +388,7 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
         prediction = self.predict(image, model=model, checkpoint=checkpoint, preset=preset, device=device,
                                   threshold=threshold, tta=tta, probabilities=probabilityVolume,
                                   minLesionSizeMm3=minLesionSizeMm3, progress=prog.span(0.0, 0.95),
-                                  cancel=cancel, allowRandomWeights=allowRandomWeights)
+                                  cancel=cancel, allowRandomWeights=allowRandomWeights, seedThreshold=seedThreshold)
         self.lastPrediction = prediction
         prog(0.96, "writing segments")
         if editorLogic is not None:
@@ -388,7 +398,8 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
             prediction, volumeNode, segmentationNode, model=model, classes=classes, segmentIds=segmentIds,
             editorLogic=editorLogic, probabilityVolume=probabilityVolume,
             provenance={"model": model, "preset": preset or "", "checkpoint": ckpt or "random weights",
-                        "threshold": "card" if threshold is None else threshold})
+                        "threshold": "card" if threshold is None else threshold,
+                        "seed threshold": prediction.info.get("seed_threshold") or "none"})
         prog.done()
         return node
 

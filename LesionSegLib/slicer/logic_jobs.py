@@ -24,7 +24,8 @@ class WorkerJobLogic:
                         preset: Optional[str] = None, device: str = "auto", threshold: Optional[float] = None,
                         tta: bool = False, probabilities: bool = False, minLesionSizeMm3: float = 0.0,
                         selectedSegmentId: Optional[str] = None, allowRandomWeights: bool = False,
-                        python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> "SegmentJob":
+                        python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                        seedThreshold: Optional[float] = None) -> "SegmentJob":
         """Start segmenting ``volumeNode`` in a worker process (main thread; returns at once).
 
         The weights are resolved and the source volume is written to the job folder
@@ -37,7 +38,8 @@ class WorkerJobLogic:
         image = self.inputImage(volumeNode)
         args = {"input": "input.nrrd", "model": model, "checkpoint": path, "preset": preset, "device": device,
                 "threshold": threshold, "tta": bool(tta), "probabilities": bool(probabilities),
-                "minLesionSizeMm3": float(minLesionSizeMm3), "allowRandomWeights": bool(allowRandomWeights)}
+                "minLesionSizeMm3": float(minLesionSizeMm3), "allowRandomWeights": bool(allowRandomWeights),
+                "seedThreshold": seedThreshold}
         job = WorkerJob("segment", args, python=python, env=env)
         try:
             import SimpleITK as sitk
