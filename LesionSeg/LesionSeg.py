@@ -324,6 +324,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, JobsPanel, TrainingPanel, We
             "preset": self.preset(),
             "device": self.ui.deviceComboBox.currentText,
             "threshold": None if self.ui.useCardThresholdCheckBox.checked else float(self.ui.thresholdSliderWidget.value),
+            "seedThreshold": None if self.ui.useCardThresholdCheckBox.checked else 0.0,
             "tta": self.ui.ttaCheckBox.checked,
         }
 

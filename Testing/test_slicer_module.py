@@ -56,6 +56,11 @@ def test_every_effect_parameter_has_a_default_that_slicer_counts_as_defined(mode
     # the defaults mean "newest weights, card threshold, all classes"
     options = LesionSegLogic.effectOptions(model, lambda k: node.GetAttribute(f"{name}.{k}"))
     assert options["checkpoint"] is None and options["threshold"] is None and options["classes"] is None
+    assert options["seedThreshold"] is None          # the card's threshold comes with the weights' rules
+    node.SetAttribute(f"{name}.UseCardThreshold", "0")
+    node.SetAttribute(f"{name}.Threshold", "0.3")
+    own = LesionSegLogic.effectOptions(model, lambda k: node.GetAttribute(f"{name}.{k}"))
+    assert own["threshold"] == 0.3 and own["seedThreshold"] == 0.0   # the user's threshold alone decides
     assert options["preset"] in LesionSegLogic.presets(model)
     # the effect never reads a parameter without checking that it is defined
     text = EFFECT_BASE.read_text(encoding="utf-8")

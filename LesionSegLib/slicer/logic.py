@@ -115,6 +115,9 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
             "preset": None if p["Preset"] == "default" else p["Preset"],
             "device": p["Device"],
             "threshold": None if int(float(p["UseCardThreshold"])) else float(p["Threshold"]),
+            # the card's threshold comes with the weights' rules (a release's seed threshold);
+            # the user's own threshold alone decides
+            "seedThreshold": None if int(float(p["UseCardThreshold"])) else 0.0,
             "tta": bool(int(float(p["TTA"]))),
             "probabilities": bool(int(float(p["ProbabilityMap"]))),
             "classes": None if segments == cls.ALL_CLASSES else [int(v) for v in segments.split(",") if v.strip()],

@@ -79,14 +79,15 @@ class BatchLogic:
     def segmentFiles(self, paths, outputDir, model: str = "msenet", checkpoint=None, preset: Optional[str] = None,
                      device: str = "auto", threshold: Optional[float] = None, tta: bool = False,
                      outputFormat: str = "seg.nrrd", overwrite: bool = False, minLesionSizeMm3: float = 0.0,
-                     progress: Optional[ProgressCallback] = None, cancel=None, allowRandomWeights: bool = False) -> BatchSummary:
+                     progress: Optional[ProgressCallback] = None, cancel=None, allowRandomWeights: bool = False,
+                     seedThreshold: Optional[float] = None) -> BatchSummary:
         """Segment many image files (files and/or folders) into ``outputDir``.
 
         Each case gets ``<name>.seg.nrrd`` (segments named and coded as in Slicer) or a
         labelmap ``<name>_lesionseg.nii.gz`` / ``.nrrd``. A failing case is recorded and the
         batch goes on; inputs are never overwritten, existing outputs only with
         ``overwrite``. Writes ``lesionseg-summary.json`` and ``lesionseg-lesions.csv`` into
-        ``outputDir``."""
+        ``outputDir``. ``threshold`` and ``seedThreshold``: as in :meth:`predict`."""
         from ..inference.batch import segment_files
         if outputFormat not in OUTPUT_FORMATS:
             raise LesionSegError(f"unknown output format {outputFormat!r}; use one of {', '.join(OUTPUT_FORMATS)}")
@@ -95,7 +96,7 @@ class BatchLogic:
         out_dir.mkdir(parents=True, exist_ok=True)
         options = dict(model=model, checkpoint=checkpoint, preset=preset, device=device, threshold=threshold,
                        tta=tta, minLesionSizeMm3=minLesionSizeMm3, cancel=cancel,
-                       allowRandomWeights=allowRandomWeights)
+                       allowRandomWeights=allowRandomWeights, seedThreshold=seedThreshold)
         logic = self
 
         class Log(BatchReport):
