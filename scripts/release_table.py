@@ -35,9 +35,6 @@ MISSING_BASELINE = {
     "m2snet-polyp": "the U-Net's fp32 step of 16 images at 224² takes 16–18 s on two threads of the AVX2-only AMD "
                     "EPYC of the sessions since (no native bf16 there; measured 2026-12-02), about 4 hours for the "
                     "release's 840 steps, longer than a session; `scripts/train_unet_baselines.sh polyp` runs it",
-    "m2snet-breast-us": "the session that fine-tuned it had one AVX2-only CPU of two cores (fp32 only) and no "
-                        "time left; the same budget for a U-Net means its polyp baseline first (the start of "
-                        "these weights), then 20 epochs of 256 BUSI images at 224² on `weights/splits/busi.json`",
 }
 
 
