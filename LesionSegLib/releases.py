@@ -98,9 +98,8 @@ def with_release_outputs(card: Dict[str, Any], entry: Optional[Dict[str, Any]]) 
     if not extra or not isinstance(card.get("preset"), dict):
         return card
     card = copy.deepcopy(card)
+    # resolver.network_card takes a checkpoint's outputs from its stored preset
     card["preset"]["outputs"] = dict(card["preset"].get("outputs", {}), **extra)
-    if isinstance(card.get("outputs"), dict):
-        card["outputs"] = dict(card["outputs"], **extra)
     return card
 
 

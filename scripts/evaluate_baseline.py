@@ -26,14 +26,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from LesionSegLib.training.release import add_baseline, evaluate_heldout, evaluate_run, hardware_text, split_pairs  # noqa: E402,E501
 
 
-def _with_seed_rule(run, args) -> dict:
+def _with_seed_rule(run, recipe, args) -> dict:
     """The seed threshold chosen on the run's validation cases as a release's is, and the
     held-out scores with it (those without it move to ``heldout_without_rule``)."""
     from LesionSegLib.inference import Predictor
     from LesionSegLib.releases import with_release_outputs
     from tune_release_outputs import choose, validation_scores
     ck = run.checkpoint
-    recipe = json.loads((args.run / "recipe.json").read_text(encoding="utf-8"))
     val, _ = split_pairs(ck.name, ck.card["preset"]["name"], run.data, recipe, "val")
     scores = validation_scores(Predictor(ck, device="cpu", precision="fp32"), val,
                                [float(g) for g in args.seed_grid.split(",")])
@@ -80,7 +79,7 @@ def main() -> int:
         "hardware": f"{hardware_text(prov)}, {training.get('amp') or 'fp32'}",
     }
     if args.seed_grid:
-        baseline.update(_with_seed_rule(run, args))
+        baseline.update(_with_seed_rule(run, recipe, args))
     add_baseline(args.out, args.against, baseline)
     curves = args.run / "curves.png"
     if curves.is_file():

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from LesionSegLib import checkpoint, models, releases  # noqa: E402
+from release_weights import seed_scores_text  # noqa: E402  (a script beside this one)
 
 BEGIN, END = "<!-- BEGIN shipped weights (scripts/release_table.py) -->", "<!-- END shipped weights -->"
 # What the papers report for the same task, and how sure docs/networks.md is of it
@@ -55,7 +56,7 @@ def _baseline_rule(b) -> str:
     rule = b.get("output_rule")
     if not rule:
         return ""
-    tried = ", ".join(f"{'none' if k == '0' else k}: {v:.3f}" for k, v in rule["validation_dice"].items())
+    tried = seed_scores_text(rule["validation_dice"])
     seed = rule.get("seed_threshold")
     chosen = f"seed threshold {seed:g}" if seed else "no seed threshold"
     return (f" Output rule chosen as the release's was (`scripts/evaluate_baseline.py --seed-grid`): {chosen} "

@@ -45,13 +45,18 @@ def _agreement_line(record) -> str:
             f"{b['min_dice']:.4f}, {b['count_mismatches']} with another lesion count; {verdict}")
 
 
+def seed_scores_text(validation_dice) -> str:
+    """``none: 0.544, 0.9: 0.602, …`` from a ``validation_dice`` record (key "0": no rule)."""
+    return ", ".join(f"{'none' if s == '0' else s}: {d:.3f}" for s, d in validation_dice.items())
+
+
 def _output_rule_rows(entry) -> list:
     """The rule a release chose after training (``scripts/tune_release_outputs.py``)."""
     seed = (entry.get("outputs") or {}).get("seed_threshold")
     sel = entry.get("outputs_selection")
     if not sel:
         return []
-    tried = ", ".join(f"{'none' if s == '0' else s}: {d:.3f}" for s, d in sel["validation_dice"].items())
+    tried = seed_scores_text(sel["validation_dice"])
     before = sel.get("heldout_at_release") or {}
     rule = (f"a lesion is kept only where one of its pixels reaches probability {seed:g} (hysteresis; "
             f"`--seed-threshold 0` turns it off)" if seed else "none (no seed threshold helped)")
