@@ -78,14 +78,23 @@ def find_released(model: str, preset: Optional[str] = None) -> Optional[Installe
 
 
 def shipped_entry(path) -> Optional[Dict[str, Any]]:
-    """The manifest entry of ``path`` when it is one of the shipped files (in
-    :func:`release_dir`, listed under its name, of the listed size), else None."""
+    """The manifest entry of ``path`` when it holds one of the shipped files, else None: a
+    file in :func:`release_dir` listed under its name and of the listed size, or a file
+    anywhere else (a downloaded or imported copy, a file the user moved) whose size and
+    SHA-256 are those of a listed file. The release rules kept beside a file (output rules,
+    precision agreement) belong to its bytes, not to where it lies."""
     path = Path(path)
     try:
-        if path.resolve().parent != release_dir().resolve():
+        size = path.stat().st_size
+        files = release_manifest()["files"]
+        if path.resolve().parent == release_dir().resolve():
+            entry = next((f for f in files if f["file"] == path.name), None)
+            return entry if entry is not None and size == int(entry["size"]) else None
+        same_size = [f for f in files if int(f["size"]) == size]
+        if not same_size:
             return None
-        entry = next((f for f in release_manifest()["files"] if f["file"] == path.name), None)
-        return entry if entry is not None and path.stat().st_size == int(entry["size"]) else None
+        digest = sha256_file(path)
+        return next((f for f in same_size if f["sha256"] == digest), None)
     except (OSError, WeightsError):
         return None
 

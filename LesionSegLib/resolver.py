@@ -155,6 +155,9 @@ def load_network(source, preset: Optional[str] = None) -> LoadedNetwork:
         card = with_release_outputs(card, entry)
         if entry and entry.get("outputs"):
             provenance["release_outputs"] = entry["outputs"]
+        if entry and entry.get("precision_agreement"):
+            # measured after the file was committed, or again on another CPU
+            provenance["precision_agreement"] = entry["precision_agreement"]
     return LoadedNetwork(ck.model, ck.name, card, ck.config, provenance, str(ck.path or ck.name))
 
 

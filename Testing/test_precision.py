@@ -63,6 +63,10 @@ def test_auto_keeps_fp32_for_weights_whose_bf16_masks_disagree():
     name, dtype, why = runtime.keep_masks(bf16, "auto", CPU, _record(0.97))
     assert (name, dtype) == ("fp32", None) and "0.970" in why and "precision='bf16'" in why
     assert runtime.keep_masks(bf16, "auto", CPU, _record(0.999, mismatches=1))[0] == "fp32"
+    # a release file without a record has not shown that bf16 keeps its masks
+    name, dtype, why = runtime.keep_masks(bf16, "auto", CPU, {"release": {"data": "x"}})
+    assert (name, dtype) == ("fp32", None) and "not been compared" in why
+    assert runtime.keep_masks(bf16, "auto", CPU, dict(_record(0.995), release={"data": "x"}))[0] == "bf16"
     # an explicit choice is the user's, and GPUs are not judged by a CPU record
     assert runtime.keep_masks(bf16, "bf16", CPU, _record(0.5))[0] == "bf16"
     assert runtime.keep_masks(bf16, "auto", torch.device("cuda"), _record(0.5))[0] == "bf16"

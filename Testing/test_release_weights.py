@@ -112,10 +112,11 @@ def test_predict_without_checkpoint_uses_the_shipped_weights_and_says_so(release
     assert np.array_equal(lab > 0, ref)
 
 
-def test_an_output_rule_chosen_after_release_applies_to_the_shipped_file_only(release, monkeypatch):
+def test_an_output_rule_chosen_after_release_applies_to_the_shipped_bytes(release, monkeypatch):
     """A seed threshold set beside a shipped file in its manifest entry (the file itself is
-    never rewritten) is used by ``lesionseg predict`` and the Predictor for that file, not
-    for a copy of it elsewhere; only output rules are taken from the manifest."""
+    never rewritten) is used by ``lesionseg predict`` and the Predictor for that file and
+    for a byte-identical copy elsewhere (downloaded, imported, moved), not for other
+    weights; only output rules are taken from the manifest."""
     tmp, data, entry, _, env = release
     folder = tmp / "weights"
     manifest = releases.release_manifest(folder)
@@ -146,14 +147,24 @@ def test_an_output_rule_chosen_after_release_applies_to_the_shipped_file_only(re
     assert "Traceback" not in r.stderr and not (tmp / "bad").exists()
 
     monkeypatch.setenv(releases.RELEASE_ENV_VAR, str(folder))
+    monkeypatch.setenv(weights.ENV_VAR, env[weights.ENV_VAR])
     shipped = Predictor(str(folder / entry["file"]), device="cpu")
     assert shipped.seed_threshold == 0.95 and shipped.outputs.activation == "sigmoid"
     assert shipped.predict_image(img).info["seed_threshold"] == 0.95
     # a threshold above the seed threshold makes the rule moot: every region reaches it
     assert shipped.predict_image(img, threshold=0.97).info["seed_threshold"] is None
+    shipped_bytes = (folder / entry["file"]).read_bytes()
     copy = tmp / "elsewhere.pt"
-    copy.write_bytes((folder / entry["file"]).read_bytes())
-    assert Predictor(str(copy), device="cpu").seed_threshold is None
+    copy.write_bytes(shipped_bytes)
+    assert Predictor(str(copy), device="cpu").seed_threshold == 0.95
+    imported = weights.import_checkpoint(copy, name="my-copy")
+    assert Predictor(imported.path, device="cpu").seed_threshold == 0.95
+    # other bytes of the same size (fine-tuned weights, say) are not the release
+    altered = bytearray(shipped_bytes)
+    altered[-1] ^= 1
+    other = tmp / "other.pt"
+    other.write_bytes(bytes(altered))
+    assert releases.shipped_entry(other) is None and releases.shipped_entry(copy)["file"] == entry["file"]
 
 
 def test_a_damaged_shipped_file_is_refused(release):

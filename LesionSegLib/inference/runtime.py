@@ -171,15 +171,22 @@ def keep_masks(selected: Tuple[str, Optional[torch.dtype]], requested: str, devi
                provenance: Optional[dict]) -> Tuple[str, Optional[torch.dtype], str]:
     """``auto``'s CPU bf16 only for weights whose masks it keeps: a release file records
     bf16-vs-fp32 agreement on its held-out images (``provenance["precision_agreement"]``,
-    written by the release script); where that record misses the bar (Dice ≥ 0.99, equal
-    lesion counts), ``auto`` falls back to fp32. An explicit precision is never changed.
+    written by the release script, or kept in the manifest beside the file); where that
+    record misses the bar (Dice ≥ 0.99, equal lesion counts), or a release file has none,
+    ``auto`` falls back to fp32. Other weights (a user's own run, random weights) have no
+    such record and keep bf16. An explicit precision is never changed.
     Returns ``(name, autocast dtype, message)``; the message is empty when nothing changed."""
     name, dtype = selected
     if (requested or "auto").strip().lower() != "auto" or device.type != "cpu" or name != "bf16":
         return name, dtype, ""
     from .agreement import agrees
     record = ((provenance or {}).get("precision_agreement") or {}).get("bf16")
-    if not record or agrees(record):
+    if not record:
+        if (provenance or {}).get("release"):
+            return "fp32", None, ("fp32 instead of bf16: bf16 masks have not been compared with fp32 for "
+                                  "these release weights; precision='bf16' forces it")
+        return name, dtype, ""
+    if agrees(record):
         return name, dtype, ""
     return "fp32", None, (f"fp32 instead of bf16: with these weights bf16 masks agree with fp32 only to Dice "
                           f"{record.get('dice', float('nan')):.3f} ({record.get('count_mismatches')} image(s) with "
