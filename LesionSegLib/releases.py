@@ -18,7 +18,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lesionseg.release-manifest"
 #: output rules a release may set beside its file (``with_release_outputs``)
 RELEASE_OUTPUT_KEYS = ("threshold", "seed_threshold")
-_verified: Dict[tuple, bool] = {}
+_digests: Dict[tuple, str] = {}
 
 
 def release_dir() -> Path:
@@ -93,7 +93,7 @@ def shipped_entry(path) -> Optional[Dict[str, Any]]:
         same_size = [f for f in files if int(f["size"]) == size]
         if not same_size:
             return None
-        digest = sha256_file(path)
+        digest = _digest(path)
         return next((f for f in same_size if f["sha256"] == digest), None)
     except (OSError, WeightsError):
         return None
@@ -124,12 +124,17 @@ def no_weights_message(model: str, preset: Optional[str] = None) -> str:
             f"or use --random-weights to test the pipeline")
 
 
+def _digest(path) -> str:
+    """SHA-256 of ``path``, remembered while its size and modification time stay the same:
+    a release file of 60 MB is hashed once per process, not at every load."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = sha256_file(path)
+    return _digests[key]
+
+
 def verify_release(entry: InstalledWeights) -> None:
-    st = os.stat(entry.path)
-    key = (entry.path, st.st_size, st.st_mtime_ns)
-    if key in _verified:
-        return
-    if st.st_size != entry.size or sha256_file(entry.path) != entry.sha256:
+    if os.stat(entry.path).st_size != entry.size or _digest(entry.path) != entry.sha256:
         raise WeightsError(f"{entry.path}: the shipped weights file is damaged or was replaced (its size or "
                            f"SHA-256 differs from {MANIFEST_NAME}); restore it from the LesionSeg release")
-    _verified[key] = True

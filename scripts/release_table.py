@@ -31,8 +31,6 @@ PAPER = {
 }
 
 
-# Why a release has no baseline yet (shown in the section)
-
 def _f(v, digits=3) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -132,10 +130,8 @@ def section(folder: Path) -> str:
     lines += ["", "**U-Net baselines**: `scripts/train_unet_baselines.sh` trains the U-Net with each release's data, "
               "split and budget (its own optimiser and schedule, no early stop); `scripts/evaluate_baseline.py` scores "
               "it on the same held-out cases the same way and records it in the manifest."
-              + "".join(" "
-                        + f"Not trained for `{Path(f['file']).stem}`: "
-                        + "no CPU time was left for it."
-                        for f in missing), "",
+              + "".join(f" Not trained for `{Path(f['file']).stem}`: no CPU time was left for it." for f in missing),
+              "",
               "**Not shipped**: BSNet `covid-ct` does not fit: its fp16 file would be about 92 MB and the three "
               "releases above use 149 of the 150 MB the repository allows; the polyp, ultrasound and fundus "
               "weights serve more users than a network trained on COVID-SemiSeg's 50 labelled slices. "
