@@ -222,8 +222,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, JobsPanel, TrainingPanel, We
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
         self.ui.trainModelComboBox.connect("currentIndexChanged(int)", self.onTrainModelChanged)
-        self.ui.useCardThresholdCheckBox.connect("toggled(bool)",
-                                                 lambda on: setattr(self.ui.thresholdSliderWidget, "enabled", not on))
+        self.ui.useCardThresholdCheckBox.connect("toggled(bool)", self.onUseCardThresholdToggled)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.applyButton.connect("clicked()", self.onSegment)
         self.ui.cancelButton.connect("clicked()", self.onCancel)
@@ -292,6 +291,11 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, JobsPanel, TrainingPanel, We
         self.ui.thresholdSliderWidget.value = models.Outputs.of(card).threshold
         self.fillWeightsCombo()
 
+    def onUseCardThresholdToggled(self, useCard):
+        # the user's threshold and seed threshold only count without the card's
+        self.ui.thresholdSliderWidget.enabled = not useCard
+        self.ui.seedThresholdSpinBox.enabled = not useCard
+
     def onTrainModelChanged(self, *unused):
         combo = self.ui.trainPresetComboBox
         combo.clear()
@@ -324,7 +328,7 @@ class LesionSegWidget(ScriptedLoadableModuleWidget, JobsPanel, TrainingPanel, We
             "preset": self.preset(),
             "device": self.ui.deviceComboBox.currentText,
             "threshold": None if self.ui.useCardThresholdCheckBox.checked else float(self.ui.thresholdSliderWidget.value),
-            "seedThreshold": None if self.ui.useCardThresholdCheckBox.checked else 0.0,
+            "seedThreshold": None if self.ui.useCardThresholdCheckBox.checked else float(self.ui.seedThresholdSpinBox.value),
             "tta": self.ui.ttaCheckBox.checked,
         }
 

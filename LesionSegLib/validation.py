@@ -60,6 +60,25 @@ def threshold(value, name: str = "the threshold") -> Optional[float]:
     return number(value, name, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
 
 
+def threshold_pair(threshold_value, seed_value, card_threshold: float,
+                   card_seed: Optional[float] = None) -> Tuple[float, Optional[float]]:
+    """(threshold, seed threshold or None) of a run: the card's (or the weights') unless
+    given. A lesion is the connected region above the threshold; with a seed threshold
+    (hysteresis) only regions holding a pixel at or above it are kept. ``seed_value=0``
+    turns the rule off; a card's seed at or below a threshold the user raised is dropped
+    (it would keep every region), a seed the user gives there is refused."""
+    thr = card_threshold if threshold_value is None else threshold(threshold_value)
+    if seed_value is not None and seed_value == 0:
+        return thr, None
+    seed = card_seed if seed_value is None else threshold(seed_value, "the seed threshold")
+    if seed is not None and seed <= thr:
+        if seed_value is None:
+            return thr, None
+        raise OptionError(f"the seed threshold {seed:g} must be above the threshold {thr:g} (a lesion is kept "
+                          f"where one of its pixels reaches the seed threshold); 0 turns the rule off")
+    return thr, seed
+
+
 def window(center, width, name: str = "the window") -> dict:
     c = number(center, f"{name} centre")
     w = number(width, f"{name} width", lo=0.0, lo_open=True)

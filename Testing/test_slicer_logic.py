@@ -510,10 +510,7 @@ def test_cli_and_slicer_batches_write_the_same_lesion_table_and_summary(logic, u
     assert [tuple(r[k] for k in key) for r in cli_rows] == [tuple(r[k] for k in key) for r in slicer_rows]
 
 
-def test_seed_threshold_through_the_console_logic(scene, logic, unet_checkpoint, tmp_path):
-    """``segment(seedThreshold=…)``: a dim lesion (probability ≈ 0.8) is dropped at 0.95 and
-    kept by default (these weights carry no rule); a seed threshold at or below the
-    threshold is refused with the segmentation and the scene unchanged."""
+def _bright_and_dim_lesion(scene, tmp_path):
     rng = np.random.default_rng(0)
     arr = 10 + rng.normal(0, 1, (12, 40, 40)).astype(np.float32)
     arr[3:7, 5:12, 5:12] = 100     # bright lesion
@@ -521,7 +518,14 @@ def test_seed_threshold_through_the_console_logic(scene, logic, unet_checkpoint,
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((1.0, 1.0, 2.0))
     sitk.WriteImage(img, str(tmp_path / "two.nrrd"))
-    vol = bridge.load_volume(scene, tmp_path / "two.nrrd")
+    return bridge.load_volume(scene, tmp_path / "two.nrrd")
+
+
+def test_seed_threshold_through_the_console_logic(scene, logic, unet_checkpoint, tmp_path):
+    """``segment(seedThreshold=…)``: a dim lesion (probability ≈ 0.8) is dropped at 0.95 and
+    kept by default (these weights carry no rule); a seed threshold at or below the
+    threshold is refused with the segmentation and the scene unchanged."""
+    vol = _bright_and_dim_lesion(scene, tmp_path)
     probs = logic.predict(logic.inputImage(vol), model="unet", checkpoint=unet_checkpoint, preset=PRESET,
                           probabilities=True).probabilities[0]
     assert probs[5, 8, 8] > 0.99 and 0.5 < probs[5, 27, 27] < 0.9      # the premise
@@ -537,4 +541,40 @@ def test_seed_threshold_through_the_console_logic(scene, logic, unet_checkpoint,
     before, nodes = _state(seg, vol), scene.GetNumberOfNodes()
     with pytest.raises(LesionSegError, match="seed threshold 0.3 must be above the threshold 0.5"):
         logic.segment(vol, seg, model="unet", checkpoint=unet_checkpoint, preset=PRESET, seedThreshold=0.3)
+    assert _state(seg, vol) == before and scene.GetNumberOfNodes() == nodes
+
+
+def test_seed_threshold_of_the_effect_panel_goes_through_the_worker(scene, logic, unet_checkpoint, tmp_path):
+    """The effect's parameters as stored on a segment editor node: with the card's
+    threshold off, the user's threshold and seed threshold reach the worker process (the
+    dim lesion dropped, as in the console); a seed threshold at or below the threshold is
+    refused before a worker starts, the segmentation unchanged."""
+    vol = _bright_and_dim_lesion(scene, tmp_path)
+    editor = slicer.vtkMRMLSegmentEditorNode()
+
+    def effect_options(**params):
+        for key, value in {**LesionSegLogic.effectParameterDefaults("unet"), **params}.items():
+            editor.SetAttribute(f"LesionSeg.{key}", value)
+        options = LesionSegLogic.effectOptions("unet", lambda k: editor.GetAttribute(f"LesionSeg.{k}"))
+        options.pop("classes")
+        return {**options, "checkpoint": unet_checkpoint, "preset": PRESET, "device": "cpu"}
+
+    def worker_mask(options, seg=None):
+        run = logic.startSegmentJob(vol, seg, **options)
+        assert run.job.wait(120) and run.job.error is None, run.job.error
+        seg = logic.finishSegmentJob(run)
+        return seg, bridge.segment_mask(seg, bridge.segment_ids(seg)[0], vol)
+
+    ruled_options = effect_options(UseCardThreshold="0", Threshold="0.5", SeedThreshold="0.95")
+    assert ruled_options["threshold"] == 0.5 and ruled_options["seedThreshold"] == 0.95
+    seg, ruled = worker_mask(ruled_options)
+    assert ruled[5, 8, 8] and not ruled[5, 20:34, 20:34].any()
+    assert seg.GetAttribute("LesionSeg.seed threshold") == "0.95"
+    _, every = worker_mask(effect_options(UseCardThreshold="0", Threshold="0.5", SeedThreshold="0"))
+    assert every[5, 8, 8] and every[5, 27, 27]
+    # the seed threshold only counts with the user's own threshold: the card's comes with the weights' rules
+    assert effect_options(UseCardThreshold="1", SeedThreshold="0.95")["seedThreshold"] is None
+    before, nodes = _state(seg, vol), scene.GetNumberOfNodes()
+    with pytest.raises(LesionSegError, match="seed threshold 0.3 must be above the threshold 0.5"):
+        logic.startSegmentJob(vol, seg, **effect_options(UseCardThreshold="0", Threshold="0.5", SeedThreshold="0.3"))
     assert _state(seg, vol) == before and scene.GetNumberOfNodes() == nodes

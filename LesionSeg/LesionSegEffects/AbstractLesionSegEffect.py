@@ -90,6 +90,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         self.w.deviceComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.w.useCardThresholdCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.w.thresholdSliderWidget.connect("valueChanged(double)", self.updateMRMLFromGUI)
+        self.w.seedThresholdSpinBox.connect("valueChanged(double)", self.updateMRMLFromGUI)
         self.w.ttaCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.w.probabilityCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.w.segmentsListWidget.connect("itemChanged(QListWidgetItem*)", self.updateMRMLFromGUI)
@@ -147,7 +148,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         w = self.w
         o = self._options()
         widgets = (w.presetComboBox, w.deviceComboBox, w.useCardThresholdCheckBox, w.thresholdSliderWidget,
-                   w.ttaCheckBox, w.probabilityCheckBox)
+                   w.seedThresholdSpinBox, w.ttaCheckBox, w.probabilityCheckBox)
         for widget in widgets:
             widget.blockSignals(True)
         w.presetComboBox.setCurrentIndex(max(0, w.presetComboBox.findData(o["preset"])))
@@ -156,6 +157,8 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
         w.useCardThresholdCheckBox.setChecked(use_card)
         w.thresholdSliderWidget.enabled = not use_card
         w.thresholdSliderWidget.value = float(self._param("Threshold") or 0.5)
+        w.seedThresholdSpinBox.enabled = not use_card
+        w.seedThresholdSpinBox.value = float(self._param("SeedThreshold") or 0.0)
         w.ttaCheckBox.setChecked(o["tta"])
         w.probabilityCheckBox.setChecked(o["probabilities"])
         for widget in widgets:
@@ -180,6 +183,7 @@ class AbstractLesionSegEffect(AbstractScriptedSegmentEditorEffect):
             self.scriptedEffect.setParameter("Device", w.deviceComboBox.currentText)
             self.scriptedEffect.setParameter("UseCardThreshold", 1 if w.useCardThresholdCheckBox.checked else 0)
             self.scriptedEffect.setParameter("Threshold", float(w.thresholdSliderWidget.value))
+            self.scriptedEffect.setParameter("SeedThreshold", float(w.seedThresholdSpinBox.value))
             self.scriptedEffect.setParameter("TTA", 1 if w.ttaCheckBox.checked else 0)
             self.scriptedEffect.setParameter("ProbabilityMap", 1 if w.probabilityCheckBox.checked else 0)
             values = [str(w.segmentsListWidget.item(i).data(qt.Qt.UserRole))

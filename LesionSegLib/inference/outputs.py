@@ -64,24 +64,13 @@ class OutputRules:
 
     def decision(self, threshold: Optional[float] = None,
                  seed_threshold: Optional[float] = None) -> Tuple[float, Optional[float]]:
-        """(threshold, seed threshold or None) of a run: the card's unless given. A lesion
-        is the connected region above the threshold; with a seed threshold (hysteresis,
-        e.g. a release's choice against false alarms) only regions holding a pixel at or
-        above it are kept. ``seed_threshold=0`` keeps every region."""
-        from ..validation import OptionError, threshold as valid
+        """(threshold, seed threshold or None) of a run: the card's (or the weights'
+        rules) unless given; :func:`LesionSegLib.validation.threshold_pair`."""
+        from ..validation import OptionError, threshold_pair
         try:
-            thr = self.threshold if threshold is None else valid(threshold)
-            if seed_threshold == 0:
-                return thr, None
-            seed = self.seed_threshold if seed_threshold is None else valid(seed_threshold, "the seed threshold")
+            return threshold_pair(threshold, seed_threshold, self.threshold, self.seed_threshold)
         except OptionError as e:
             raise InputError(str(e)) from None
-        if seed is not None and seed <= thr:
-            if seed_threshold is None:  # the card's rule under a higher threshold keeps every region
-                return thr, None
-            raise InputError(f"the seed threshold {seed:g} must be above the threshold {thr:g} (a lesion is kept "
-                             f"where one of its pixels reaches the seed threshold); 0 turns the rule off")
-        return thr, seed
 
     def check(self, logits: torch.Tensor) -> None:
         if logits.shape[1] != self.channels:

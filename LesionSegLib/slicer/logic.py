@@ -99,8 +99,8 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
         preset = card.get("default_preset") or next(iter(card.get("presets", {})), "")
         threshold = models.Outputs.of(models.preset(model, preset or None)).threshold
         return {"Preset": preset or "default", "Checkpoint": cls.NEWEST_WEIGHTS, "Device": "auto",
-                "UseCardThreshold": "1", "Threshold": repr(float(threshold)), "TTA": "0", "ProbabilityMap": "0",
-                "Segments": cls.ALL_CLASSES}
+                "UseCardThreshold": "1", "Threshold": repr(float(threshold)), "SeedThreshold": "0",
+                "TTA": "0", "ProbabilityMap": "0", "Segments": cls.ALL_CLASSES}
 
     @classmethod
     def effectOptions(cls, model: str, parameter: Callable[[str], str]) -> Dict[str, Any]:
@@ -116,8 +116,8 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
             "device": p["Device"],
             "threshold": None if int(float(p["UseCardThreshold"])) else float(p["Threshold"]),
             # the card's threshold comes with the weights' rules (a release's seed threshold);
-            # the user's own threshold alone decides
-            "seedThreshold": None if int(float(p["UseCardThreshold"])) else 0.0,
+            # with their own threshold, the user's seed threshold (0: none) is the only rule
+            "seedThreshold": None if int(float(p["UseCardThreshold"])) else float(p["SeedThreshold"]),
             "tta": bool(int(float(p["TTA"]))),
             "probabilities": bool(int(float(p["ProbabilityMap"]))),
             "classes": None if segments == cls.ALL_CLASSES else [int(v) for v in segments.split(",") if v.strip()],
@@ -400,10 +400,16 @@ class LesionSegLogic(WeightsLogic, WorkerJobLogic, BatchLogic, TrainingLogic):
         node = self.writePrediction(
             prediction, volumeNode, segmentationNode, model=model, classes=classes, segmentIds=segmentIds,
             editorLogic=editorLogic, probabilityVolume=probabilityVolume,
-            provenance={"model": model, "preset": preset or "", "checkpoint": ckpt or "random weights",
-                        "threshold": "card" if threshold is None else threshold,
-                        "seed threshold": prediction.info.get("seed_threshold") or "none"})
+            provenance=self.provenance(prediction, model, preset, ckpt, threshold))
         prog.done()
         return node
+
+    @staticmethod
+    def provenance(prediction, model: str, preset: Optional[str], checkpoint, threshold: Optional[float]):
+        """What a segmentation node records of the run that made it (its "LesionSeg.…"
+        attributes): the same for the console and for a worker's result."""
+        return {"model": model, "preset": preset or "", "checkpoint": checkpoint or "random weights",
+                "threshold": "card" if threshold is None else threshold,
+                "seed threshold": prediction.info.get("seed_threshold") or "none"}
 
     # ------------------------------------------------------------------ training

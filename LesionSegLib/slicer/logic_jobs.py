@@ -14,7 +14,7 @@ from .logic_batch import OUTPUT_FORMATS, batch_inputs
 
 class WorkerJobLogic:
     """``LesionSegLogic``'s worker jobs (mixed in; uses its ``requireWeights``,
-    ``inputImage``, ``trainingCases`` and ``writePrediction``)."""
+    ``inputImage``, ``trainingCases``, ``writePrediction`` and ``provenance``)."""
 
     @staticmethod
     def _job_options(python=None, env=None) -> Dict[str, Any]:
@@ -34,6 +34,13 @@ class WorkerJobLogic:
         from .worker_job import WorkerJob
         if volumeNode is None:
             raise LesionSegError("no input volume selected")
+        if threshold is not None and seedThreshold:
+            # a pair the worker would refuse, refused before the worker starts
+            from ..validation import OptionError, threshold_pair
+            try:
+                threshold_pair(threshold, seedThreshold, threshold)
+            except OptionError as e:
+                raise LesionSegError(str(e)) from None
         path = self.requireWeights(model, checkpoint, preset, allowRandomWeights)
         image = self.inputImage(volumeNode)
         args = {"input": "input.nrrd", "model": model, "checkpoint": path, "preset": preset, "device": device,
@@ -125,9 +132,8 @@ class WorkerJobLogic:
                 prediction, run.volume, run.segmentation, model=options["model"], classes=classes,
                 segmentIds=segment_ids, editorLogic=editorLogic, writer=writer,
                 probabilityVolume=options["probabilities"],
-                provenance={"model": options["model"], "preset": options["preset"] or "",
-                            "checkpoint": options["checkpoint"] or "random weights",
-                            "threshold": "card" if options["threshold"] is None else options["threshold"]})
+                provenance=self.provenance(prediction, options["model"], options["preset"], options["checkpoint"],
+                                           options["threshold"]))
         finally:
             job.cleanup()
 
