@@ -44,7 +44,9 @@ SHARED = ROOT.parent / "shared" / "data"
 TREE_LIMIT = 64 * 2 ** 20 - 2 * 2 ** 20
 
 #: per task: the data folders (under ../shared/data), the preset, the split file, the case
-#: rule of the release runs, and the folders whose PNG images travel as JPEG
+#: rule of the release runs, and the folders whose PNG images travel as JPEG. (breast-us
+#: trains from random weights there: the polyp release its CPU run started from cannot
+#: travel beside the data.)
 TASKS = {
     "polyp": {"model": "m2snet", "preset": "polyp", "folders": ["polyp-clinicdb", "polyp-kvasir256"],
               "split": "weights/splits/polyp.json", "case_regex": None, "jpeg": ["polyp-clinicdb"]},
