@@ -28,6 +28,7 @@ from helpers import lesion_volume  # noqa: E402
 
 from LesionSegLib import checkpoint, models  # noqa: E402
 from LesionSegLib.slicer import bridge, worker, worker_job  # noqa: E402
+from LesionSegLib.slicer.errors import LesionSegError  # noqa: E402
 from LesionSegLib.slicer.worker import WorkerError  # noqa: E402
 
 from helpers import THRESHOLD_PRESET as PRESET  # noqa: E402
@@ -356,6 +357,11 @@ def test_batch_and_training_from_the_panel_run_in_the_worker(scene, logic, unet_
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "a_lesionseg.nii.gz"))) == 1
     assert 2.0 * (labels & lesion).sum() / (labels.sum() + lesion.sum()) > 0.9
     job.cleanup()
+    # the panel's own threshold with a seed threshold below it: refused before a worker starts
+    with pytest.raises(LesionSegError, match="seed threshold 0.3 must be above the threshold 0.6"):
+        logic.startBatchJob([cases], tmp_path / "refused", model="unet", checkpoint=str(unet_checkpoint),
+                            preset=PRESET, outputFormat="nii.gz", device="cpu", threshold=0.6, seedThreshold=0.3)
+    assert not (tmp_path / "refused").exists()
     # training on scene nodes: read here into files of the job, trained in the worker
     pairs = []
     for i in range(3):

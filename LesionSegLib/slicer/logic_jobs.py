@@ -12,6 +12,18 @@ from .errors import LesionSegError
 from .logic_batch import OUTPUT_FORMATS, batch_inputs
 
 
+def _check_threshold_pair(threshold: Optional[float], seedThreshold: Optional[float]) -> None:
+    """A user's threshold and seed threshold that the worker would refuse, refused before
+    it starts (with the card's threshold the worker decides: the weights may change it)."""
+    if threshold is None or not seedThreshold:
+        return
+    from ..validation import OptionError, threshold_pair
+    try:
+        threshold_pair(threshold, seedThreshold, threshold)
+    except OptionError as e:
+        raise LesionSegError(str(e)) from None
+
+
 class WorkerJobLogic:
     """``LesionSegLogic``'s worker jobs (mixed in; uses its ``requireWeights``,
     ``inputImage``, ``trainingCases``, ``writePrediction`` and ``provenance``)."""
@@ -34,13 +46,7 @@ class WorkerJobLogic:
         from .worker_job import WorkerJob
         if volumeNode is None:
             raise LesionSegError("no input volume selected")
-        if threshold is not None and seedThreshold:
-            # a pair the worker would refuse, refused before the worker starts
-            from ..validation import OptionError, threshold_pair
-            try:
-                threshold_pair(threshold, seedThreshold, threshold)
-            except OptionError as e:
-                raise LesionSegError(str(e)) from None
+        _check_threshold_pair(threshold, seedThreshold)
         path = self.requireWeights(model, checkpoint, preset, allowRandomWeights)
         image = self.inputImage(volumeNode)
         args = {"input": "input.nrrd", "model": model, "checkpoint": path, "preset": preset, "device": device,
@@ -144,6 +150,7 @@ class WorkerJobLogic:
             raise LesionSegError(f"unknown output format {options['outputFormat']!r}; "
                                  f"use one of {', '.join(OUTPUT_FORMATS)}")
         batch_inputs(paths)   # refuses arguments without images before a worker starts
+        _check_threshold_pair(options.get("threshold"), options.get("seedThreshold"))
         options["checkpoint"] = self.requireWeights(options.get("model", "msenet"), options.get("checkpoint"),
                                                     options.get("preset"), options.get("allowRandomWeights", False))
         args = {"paths": [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)],
