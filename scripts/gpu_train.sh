@@ -75,8 +75,12 @@ train() {  # name model epochs seconds [more options]
 rm -rf runs/probe "runs/$MODEL-$TASK" "runs/unet-$TASK"
 extra=()
 [ "$MODEL" = m2snet ] && extra=(--set loss.lossnet_weight=0)
-train probe "$MODEL" 1 120 "${extra[@]}" > "$OUT/probe.log" 2>&1 || { tail -20 "$OUT/probe.log"; exit 1; }
-EPOCH_S=$(python3 -c "import csv; r=list(csv.DictReader(open('runs/probe/log.csv'))); print(float(r[-1]['epoch_time_s']))")
+train probe "$MODEL" 1 300 "${extra[@]}" > "$OUT/probe.log" 2>&1 || { tail -20 "$OUT/probe.log"; exit 1; }
+# the probe's epoch time (60 s if it logged none)
+EPOCH_S=$(python3 -c "
+import csv
+try: print(float(list(csv.DictReader(open('runs/probe/log.csv')))[-1]['epoch_time_s']))
+except Exception: print(60.0)")
 LEFT=$(( BUDGET - ($(date +%s) - START) - 90 ))   # 90 s for the benchmark and the packing
 # side by side the release network runs about a third slower than alone
 EPOCHS=$(python3 -c "print(max(1, min(50, int($LEFT / ($EPOCH_S * 1.35)))))")
@@ -95,7 +99,7 @@ timeout 80 python3 -m LesionSegLib benchmark --models bsnet,m2snet --devices "${
   --size 352 --precision bf16 --batch-sizes "" --repeats 2 --no-reference --json "$OUT/benchmark.json" \
   > "$OUT/benchmark.txt" 2>&1 || echo "benchmark stopped (see benchmark.txt)"
 
-pack_run "$MODEL-$TASK"
+pack_run "$MODEL-$TASK" || echo "nothing to bring back of $MODEL-$TASK"
 cat "$OUT"/*.log > "$OUT/logs.txt"; rm -f "$OUT"/*.log "$OUT/gpu.txt" "$OUT/plan.txt"
 ls -la "$OUT"
 echo "next, at once (the machine stays warm 30 s): bash scripts/gpu_train.sh fetch unet-$TASK"
