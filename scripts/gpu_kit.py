@@ -27,7 +27,6 @@ as Kvasir's images already are; masks travel unchanged.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -56,14 +55,6 @@ TASKS = {
 WHEELS = ["SimpleITK", "platformdirs"]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _tree_bytes() -> int:
     """Bytes a device call would send now: tracked files that exist, untracked ones git
     does not ignore."""
@@ -73,6 +64,7 @@ def _tree_bytes() -> int:
 
 
 def _dir_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -148,9 +140,8 @@ def hold(args) -> int:
             moved.append(rel)
     tree = _tree_bytes()
     print(f"held {len(moved)} file(s) in {HOLD}; the tree sends {tree / 2 ** 20:.1f} MiB plus what a call carries "
-          f"(.gpu/whl {_dir_bytes(KIT / 'whl') / 2 ** 20 if (KIT / 'whl').exists() else 0:.1f} MiB, "
-          f".gpu/data {_dir_bytes(KIT / 'data') / 2 ** 20 if (KIT / 'data').exists() else 0:.1f} MiB; "
-          f"64 MiB a call). Put them back with: python scripts/gpu_kit.py restore")
+          f"(.gpu/whl {_dir_bytes(KIT / 'whl') / 2 ** 20:.1f} MiB, .gpu/data {_dir_bytes(KIT / 'data') / 2 ** 20:.1f} "
+          f"MiB; 64 MiB a call). Put them back with: python scripts/gpu_kit.py restore")
     return 0
 
 
@@ -166,10 +157,11 @@ def restore(args) -> int:
     if missing:
         print(f"still missing from the checkout: {', '.join(missing)}", file=sys.stderr)
         return 1
-    manifest = json.loads((ROOT / "weights" / "manifest.json").read_text(encoding="utf-8"))
-    for entry in manifest.get("files", manifest if isinstance(manifest, list) else []):
+    from LesionSegLib.releases import release_manifest
+    from LesionSegLib.weights import sha256_file
+    for entry in release_manifest(ROOT / "weights")["files"]:
         path = ROOT / "weights" / entry["file"]
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             print(f"{path}: SHA-256 differs from the manifest", file=sys.stderr)
             return 1
     print("release files back and matching the manifest")
@@ -180,6 +172,7 @@ def restore(args) -> int:
 def unpack(args) -> int:
     """Join the parts device calls returned (``<run>.tar.part*``, from one or more
     folders) and unpack the runs, their data paths pointing at the data here again."""
+    from LesionSegLib.weights import sha256_file
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     groups = {}
@@ -195,22 +188,23 @@ def unpack(args) -> int:
             for part in sorted(parts, key=lambda p: int(p.name.rsplit("part", 1)[1])):
                 f.write(part.read_bytes())
         sums = next((p for src in map(Path, args.files_at) for p in src.rglob(f"{name}.tar.sha256")), None)
-        if sums is None or sums.read_text().split()[0] != _sha256(joined):
+        if sums is None or sums.read_text().split()[0] != sha256_file(joined):
             print(f"{joined}: SHA-256 missing or different from the device's (a part lost?)", file=sys.stderr)
             return 1
         with tarfile.open(joined) as tar:
             tar.extractall(dest, filter="data")
         joined.unlink()
     data = Path(args.data).resolve()
+    split_file = ROOT / TASKS[args.task]["split"]
+    test_cases = json.loads(split_file.read_text(encoding="utf-8")).get("test", [])
     for record in dest.glob("*/data.json"):
         d = json.loads(record.read_text(encoding="utf-8"))
         roots = d["root"] if isinstance(d["root"], list) else [d["root"]]
         here = [str(data / Path(r).name) for r in roots]
         d["root"] = here if isinstance(d["root"], list) else here[0]
-        split_file = ROOT / TASKS[args.task]["split"]
         d.setdefault("split", {})["source"] = split_file.as_posix()
         if "held_out_test_cases" in d["split"]:  # the kit's copy listed none: they stayed here
-            d["split"]["held_out_test_cases"] = json.loads(split_file.read_text(encoding="utf-8")).get("test", [])
+            d["split"]["held_out_test_cases"] = test_cases
         d["gpu_kit"] = "trained on a lent GPU from .gpu/data (scripts/gpu_kit.py); paths rewritten to this machine"
         record.write_text(json.dumps(d, indent=1), encoding="utf-8")
     for src in map(Path, args.files_at):

@@ -55,10 +55,13 @@ DATA=.gpu/data
 python3 -c "import SimpleITK" 2>/dev/null || { echo "SimpleITK missing: run 'bash scripts/gpu_train.sh install' first (carry .gpu/whl)" >&2; exit 2; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo 'no nvidia-smi'; } | tee "$OUT/gpu.txt"
 START=$(date +%s)
-FOLDERS=$(python3 -c "import json; t=json.load(open('$DATA/task.json')); print(' '.join('$DATA/'+f for f in t['folders']))")
-CASES=$(python3 -c "import json; t=json.load(open('$DATA/task.json')); r=t['case_regex']; print('' if r is None else 'case_regex=\"%s\"' % r)")
-MODEL=$(python3 -c "import json; print(json.load(open('$DATA/task.json'))['model'])")
-PRESET=$(python3 -c "import json; print(json.load(open('$DATA/task.json'))['preset'])")
+# the task as pack wrote it: model, preset, case rule (a --set value, or "-") and data folders
+read -r MODEL PRESET CASES FOLDERS < <(python3 -c "
+import json
+t = json.load(open('$DATA/task.json'))
+r = t['case_regex']
+print(t['model'], t['preset'], '-' if r is None else 'case_regex=\"%s\"' % r, *('$DATA/' + f for f in t['folders']))")
+[ "$CASES" = - ] && CASES=
 # LossNet needs the ImageNet VGG16 (59 MB), which cannot travel beside the data: off, as in the CPU releases
 COMMON=(--data $FOLDERS --split "$DATA/split.json" --device "${DEVICE:-cuda}" --batch-size 16
         --set checkpoint_every_steps=0 --set early_stopping=null ${CASES:+--set "$CASES"})
