@@ -88,6 +88,9 @@ def choose_weights(model: Optional[str], preset: Optional[str] = None, checkpoin
     entry = weights.find(model, preset)
     if entry is not None:
         return WeightsChoice(entry.path, "release" if entry.kind == "release" else "installed", entry.preset)
+    if preset is not None:
+        from . import models
+        models.preset(model, preset)  # a misspelt preset is named as such, not as "no weights"
     if allow_random:
         return RANDOM_WEIGHTS
     from .releases import no_weights_message

@@ -184,6 +184,10 @@ def test_no_weights_for_a_preset_is_a_clear_error_and_random_weights_are_explici
     assert r.returncode == 1
     assert "no weights for U-Net (polyp)" in r.stderr and "ships U-Net weights for: covid-ct" in r.stderr
     assert "--random-weights" in r.stderr and not (tmp / "out").exists()
+    # a preset the network does not have is named as the mistake, with the ones it has
+    r = lesionseg("predict", "--model", "unet", "--preset", "polip", data / "images", "-o", tmp / "out", env=env)
+    assert r.returncode == 1 and "no preset 'polip'" in r.stderr and "polyp" in r.stderr
+    assert "no weights" not in r.stderr and not (tmp / "out").exists()
     # explicit random weights even where shipped ones exist
     r = lesionseg("predict", "--model", "unet", "--preset", "covid-ct", "--random-weights", "--no-csv",
                   data / "images", "-o", tmp / "out", env=env)

@@ -253,6 +253,9 @@ def test_no_weights_is_a_clear_error_and_installed_weights_are_found(scene, logi
     vol, image, lesion, _ = _oblique_volume_node(scene, tmp_path)
     with pytest.raises(LesionSegError, match="no weights installed for U-Net"):
         logic.segment(vol, model="unet", preset=PRESET)
+    with pytest.raises(LesionSegError, match="no preset 'polip'; available: .*polyp"):   # a typo, not "no weights"
+        logic.segment(vol, model="unet", preset="polip")
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
     entry = logic.importCheckpoint(unet_checkpoint)
     assert logic.resolveCheckpoint("unet", None, PRESET) == entry.path
     seg = logic.segment(vol, model="unet", preset=PRESET)          # newest installed weights

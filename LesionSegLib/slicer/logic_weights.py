@@ -48,10 +48,10 @@ class WeightsLogic:
         """The weight file to use: ``checkpoint`` (a path, or an installed entry's id), else
         the newest installed or the shipped weights of ``model`` for ``preset``; None when
         there are none (:func:`LesionSegLib.resolver.choose_weights`)."""
-        from .. import resolver
+        from .. import models, resolver
         try:
             return resolver.choose_weights(model, preset, checkpoint, allow_random=True).path
-        except _weights.WeightsError as e:
+        except (_weights.WeightsError, models.UnknownModelError, models.UnknownPresetError) as e:
             raise LesionSegError(str(e)) from None
 
     def requireWeights(self, model: str, checkpoint=None, preset: Optional[str] = None,
