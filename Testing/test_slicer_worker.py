@@ -183,6 +183,36 @@ def test_worker_out_of_memory_gives_a_clear_error_and_changes_nothing(scene, log
     assert _state(seg, vol) == before and scene.GetNumberOfNodes() == nodes
 
 
+def test_a_failure_with_memory_exhausted_is_named_out_of_memory_whatever_its_text():
+    """Under an address-space cap a failed allocation often surfaces as something else (numpy's
+    ImportError "PyCapsule_Import could not import module 'datetime'" when its import runs out):
+    the worker still says "out of memory", even when the last kilobytes are gone."""
+    child = textwrap.dedent("""
+        import sys
+        from LesionSegLib.slicer import worker
+        print("ready", flush=True)
+        sys.stdin.readline()
+        hog = []
+        for chunk in (1 << 20, 1 << 12):     # take every megabyte, then every page left
+            try:
+                while True:
+                    hog.append(bytearray(chunk))
+            except MemoryError:
+                pass
+        print(worker._describe(ImportError('Original error was: PyCapsule_Import could not import module "datetime"')),
+              flush=True)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.stdout.readline().strip() == "ready"
+    with open(f"/proc/{p.pid}/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.prlimit(p.pid, resource.RLIMIT_AS, (vm + (16 << 20), resource.RLIM_INFINITY))
+    out, err = p.communicate("\n", timeout=60)
+    assert p.returncode == 0, err
+    assert out.startswith("out of memory: Original error was"), out
+
+
 def test_worker_failure_is_one_line_naming_the_problem(scene, logic, unet_checkpoint, tmp_path):
     vol, _ = _volume(scene, tmp_path)
     seg = _segmentation_with_drawing(scene, vol)

@@ -37,6 +37,11 @@ from typing import Any, Dict, Optional, Sequence
 
 from ..jobs import Cancelled
 
+try:
+    import resource  # loaded now: once memory has run out, loading it would fail like the rest
+except ImportError:  # Windows
+    resource = None
+
 PROTOCOL = 1
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
@@ -179,16 +184,18 @@ def _memory_exhausted() -> bool:
     memory (Linux; elsewhere only the error text tells). Native libraries report a
     failed allocation in many ways (a thread that cannot start, a null buffer)."""
     try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        with open("/proc/self/status") as f:
-            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        if soft != resource.RLIM_INFINITY and vm + (64 << 20) > soft:
-            return True
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0] if resource else None
+        if soft not in (None, resource.RLIM_INFINITY):
+            with open("/proc/self/status") as f:
+                vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            if vm + (64 << 20) > soft:
+                return True
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
         return available < (64 << 20)
-    except (ImportError, OSError, StopIteration, ValueError):
+    except MemoryError:  # even reading the figures failed for lack of memory
+        return True
+    except (OSError, StopIteration, ValueError):
         return False
 
 
