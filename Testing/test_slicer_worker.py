@@ -49,6 +49,14 @@ def _state(seg, vol):
     return out
 
 
+def _cap_address_space(pid: int, headroom: int) -> None:
+    """Cap process ``pid``'s address space (RLIMIT_AS) at what it uses now plus ``headroom``
+    bytes: its next large allocations fail as they would on a machine out of memory."""
+    with open(f"/proc/{pid}/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.prlimit(pid, resource.RLIMIT_AS, (vm + headroom, resource.RLIM_INFINITY))
+
+
 def _segmentation_with_drawing(scene, vol):
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
     bridge.prepare_segmentation(seg, vol)
@@ -171,10 +179,7 @@ def test_worker_out_of_memory_gives_a_clear_error_and_changes_nothing(scene, log
     before, nodes = _state(seg, vol), scene.GetNumberOfNodes()
     run = logic.startSegmentJob(vol, seg, model="unet", checkpoint=unet_checkpoint, preset=PRESET, device="cpu")
     _wait_for(run.job, lambda j: j.worker_pid is not None)
-    pid = run.job.worker_pid
-    with open(f"/proc/{pid}/status") as f:
-        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    resource.prlimit(pid, resource.RLIMIT_AS, (vm + (16 << 20), resource.RLIM_INFINITY))
+    _cap_address_space(run.job.worker_pid, headroom=16 << 20)
     assert run.job.wait(120)
     assert run.job.error and run.job.error.startswith("out of memory"), run.job.error
     assert "\n" not in run.job.error
@@ -205,9 +210,7 @@ def test_a_failure_with_memory_exhausted_is_named_out_of_memory_whatever_its_tex
     p = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.stdout.readline().strip() == "ready"
-    with open(f"/proc/{p.pid}/status") as f:
-        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    resource.prlimit(p.pid, resource.RLIMIT_AS, (vm + (16 << 20), resource.RLIM_INFINITY))
+    _cap_address_space(p.pid, headroom=16 << 20)
     out, err = p.communicate("\n", timeout=60)
     assert p.returncode == 0, err
     assert out.startswith("out of memory: Original error was"), out

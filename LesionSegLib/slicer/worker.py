@@ -185,7 +185,7 @@ def _memory_exhausted() -> bool:
     failed allocation in many ways (a thread that cannot start, a null buffer)."""
     try:
         soft = resource.getrlimit(resource.RLIMIT_AS)[0] if resource else None
-        if soft not in (None, resource.RLIM_INFINITY):
+        if soft is not None and soft != resource.RLIM_INFINITY:
             with open("/proc/self/status") as f:
                 vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
             if vm + (64 << 20) > soft:
