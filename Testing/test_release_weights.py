@@ -167,6 +167,60 @@ def test_an_output_rule_chosen_after_release_applies_to_the_shipped_bytes(releas
     assert releases.shipped_entry(other) is None and releases.shipped_entry(copy)["file"] == entry["file"]
 
 
+def test_bf16_agreement_recorded_after_release_decides_auto_and_keeps_the_card(release, monkeypatch):
+    """scripts/record_bf16_agreement.py: a release made without the bf16 record gets it
+    later from its own held-out test cases (found through the file's provenance), in the
+    manifest beside the untouched file; the card's bf16 row is replaced and its other lines
+    kept; the Predictor's ``auto`` then reads the record for those bytes."""
+    from LesionSegLib.inference.runtime import cpu_features
+    from LesionSegLib.training import train
+    from LesionSegLib.training.release import evaluate_run
+    tmp, _, _, _, env = release
+    data = _squares(tmp / "data5", n=5)
+    split = tmp / "split.json"
+    split.write_text(json.dumps({"val": ["case3"], "test": ["case1", "case2", "case4"]}))
+    result = train("unet", data, tmp / "run5", preset="covid-ct", device="cpu",
+                   recipe_overrides={"epochs": 1, "batch_size": 2, "size": [32, 32], "split": str(split),
+                                     "model_config": {"base_width": 4, "depth": 2}})
+    folder = tmp / "release5"
+    entry = write_release(Path(result.out_dir) / "best.pt", folder, name="unet-squares",
+                          heldout=evaluate_run(result.out_dir).heldout, info={"data": "squares", "budget": "1 epoch"})
+    card = folder / entry["card"]
+    card.write_text("# card\n\n| CPU bf16 (`precision=auto`) | not measured |\n| budget | 1 epoch |\n\n- a note\n")
+    sha = entry["sha256"]
+
+    def record(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "record_bf16_agreement.py"), *args],
+                              capture_output=True, text=True, timeout=240,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", **{releases.RELEASE_ENV_VAR: str(folder)}))
+    r = record("unet-squarez")
+    assert r.returncode != 0 and "no release file unet-squarez.pt" in r.stderr and "unet-squares" in r.stderr
+    r = record("unet-squares", "--all")
+    assert r.returncode == 0, r.stderr
+    (f,) = releases.release_manifest(folder)["files"]
+    rec = f["precision_agreement"]
+    assert rec["bf16"]["images"] == 3 and rec["images"] == "held-out test images"
+    assert rec["bf16_compute"] == ("native" if cpu_features()["native_bf16"] else "emulated")
+    assert 0.0 <= rec["bf16"]["dice"] <= 1.0 and rec["bf16"]["agrees"] == (
+        rec["bf16"]["dice"] >= 0.99 and rec["bf16"]["count_mismatches"] == 0)
+    assert f["sha256"] == sha == weights.sha256_file(folder / "unet-squares.pt")  # the file is not rewritten
+    text = card.read_text()
+    assert "not measured" not in text and f"on 3 held-out images ({rec['bf16_compute']} bf16" in text
+    assert text.startswith("# card\n") and "| budget | 1 epoch |" in text and text.endswith("- a note\n")
+    # auto follows the record for these bytes, on a CPU with native bf16 (simulated)
+    import torch
+    from LesionSegLib.inference import runtime
+    monkeypatch.setenv(releases.RELEASE_ENV_VAR, str(folder))
+    monkeypatch.setattr(runtime, "cpu_autocast_dtype", lambda features=None: torch.bfloat16)
+    shipped = folder / "unet-squares.pt"
+    assert Predictor(str(shipped), device="cpu").precision == ("bf16" if rec["bf16"]["agrees"] else "fp32")
+    for dice, chosen in ((0.5, "fp32"), (0.999, "bf16")):
+        manifest = releases.release_manifest(folder)
+        manifest["files"][0]["precision_agreement"]["bf16"].update(dice=dice, min_dice=dice, count_mismatches=0)
+        write_manifest(folder, manifest)
+        assert Predictor(str(shipped), device="cpu").precision == chosen
+
+
 def test_a_damaged_shipped_file_is_refused(release):
     tmp, data, entry, _, env = release
     path = tmp / "weights" / entry["file"]

