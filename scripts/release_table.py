@@ -138,8 +138,14 @@ def section(folder: Path) -> str:
               "`scripts/train_covid_cpu.sh ../shared/data/covid-semiseg/train runs/covid-cpu` trains it (BSNet "
               "and its U-Net baseline, shortened CPU runs: docs/training.md); a run made with a split file "
               "(`--split`) becomes a release file in a folder of your own with `scripts/release_weights.py RUN "
-              "--name bsnet-covid-ct --out DIR …`, used through `LESIONSEG_RELEASE_WEIGHTS=DIR`. MS-LKSeg `binary-lesion`: not trained yet (about 17 min per "
-              "epoch of 320 images at 224² even with native bf16). MSE-Net ships only as the demo "
+              "--name bsnet-covid-ct --out DIR …`, used through `LESIONSEG_RELEASE_WEIGHTS=DIR`. MS-LKSeg `binary-lesion`: not trained (its paper names no data "
+              "set; LesionSeg's choice is the polyp release's set, split and budget, so that it compares with "
+              "M2SNet `polyp` and their U-Net): `scripts/train_mslkseg_binary_lesion.sh runs` trains it "
+              "(CVC-ClinicDB + Kvasir-SEG by `weights/splits/polyp.json`, 42 epochs of 320 images, batch 16, 224²; "
+              "about 12 min per epoch on two threads of the AVX2 EPYC in fp32, so some 8.5 h there), then "
+              "`scripts/release_weights.py runs/mslkseg-binary-lesion --name mslkseg-binary-lesion --out DIR …` "
+              "makes its release file (fp16, 45 MB: more than the 1 MB left of the repository's 150 MB), used "
+              "through `LESIONSEG_RELEASE_WEIGHTS=DIR`. MSE-Net ships only as the demo "
               "(`demo/model/`, one ISLES case, synthetic lesions).", "", *details, END]
     return "\n".join(lines)
 
