@@ -189,8 +189,8 @@ def bf16_agreement_record(source, pairs: Sequence[ImagePair], images: Optional[i
 
     On a CPU without native bf16 the same autocast runs emulated: the operands are rounded
     to bf16 alike and only the accumulation order differs, so the masks agree as they do on
-    a CPU that has it (the polyp release measured both ways: same verdict, pooled Dice
-    0.9974 native, 0.9977 emulated). The record says which it was (``bf16_compute``)."""
+    a CPU that has it (docs/performance.md compares the two on the polyp release). The
+    record says which it was (``bf16_compute``)."""
     from ..inference import agreement as q
     from ..inference.runtime import cpu_features, cpu_name
     some = list(pairs) if not images else list(pairs)[:: max(1, len(pairs) // images)][:images]
