@@ -142,7 +142,7 @@ def section(folder: Path) -> str:
               "set; LesionSeg's choice is the polyp release's set, split and budget, so that it compares with "
               "M2SNet `polyp` and their U-Net): `scripts/train_mslkseg_binary_lesion.sh runs` trains it "
               "(CVC-ClinicDB + Kvasir-SEG by `weights/splits/polyp.json`, 42 epochs of 320 images, batch 16, 224²; "
-              "about 12 min per epoch on two threads of the AVX2 EPYC in fp32, so some 8.5 h there), then "
+              "about 9–10 min per epoch, validation included, on two threads of the AVX2 EPYC in fp32: some 7 h there), then "
               "`scripts/release_weights.py runs/mslkseg-binary-lesion --name mslkseg-binary-lesion --out DIR …` "
               "makes its release file (fp16, 45 MB: more than the 1 MB left of the repository's 150 MB), used "
               "through `LESIONSEG_RELEASE_WEIGHTS=DIR`. MSE-Net ships only as the demo "
