@@ -167,7 +167,7 @@ def test_an_output_rule_chosen_after_release_applies_to_the_shipped_bytes(releas
     assert releases.shipped_entry(other) is None and releases.shipped_entry(copy)["file"] == entry["file"]
 
 
-def test_bf16_agreement_recorded_after_release_decides_auto_and_keeps_the_card(release, monkeypatch):
+def test_bf16_agreement_recorded_after_release_decides_auto_and_keeps_the_card(tmp_path, monkeypatch):
     """scripts/record_bf16_agreement.py: a release made without the bf16 record gets it
     later from its own held-out test cases (found through the file's provenance), in the
     manifest beside the untouched file; the card's bf16 row is replaced and its other lines
@@ -175,7 +175,7 @@ def test_bf16_agreement_recorded_after_release_decides_auto_and_keeps_the_card(r
     from LesionSegLib.inference.runtime import cpu_features
     from LesionSegLib.training import train
     from LesionSegLib.training.release import evaluate_run
-    tmp, _, _, _, env = release
+    tmp = tmp_path
     data = _squares(tmp / "data5", n=5)
     split = tmp / "split.json"
     split.write_text(json.dumps({"val": ["case3"], "test": ["case1", "case2", "case4"]}))

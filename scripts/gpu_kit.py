@@ -172,6 +172,7 @@ def restore(args) -> int:
 def unpack(args) -> int:
     """Join the parts device calls returned (``<run>.tar.part*``, from one or more
     folders) and unpack the runs, their data paths pointing at the data here again."""
+    from LesionSegLib.training.release import data_roots
     from LesionSegLib.weights import sha256_file
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -199,8 +200,7 @@ def unpack(args) -> int:
     test_cases = json.loads(split_file.read_text(encoding="utf-8")).get("test", [])
     for record in dest.glob("*/data.json"):
         d = json.loads(record.read_text(encoding="utf-8"))
-        roots = d["root"] if isinstance(d["root"], list) else [d["root"]]
-        here = [str(data / Path(r).name) for r in roots]
+        here = [str(data / r.name) for r in data_roots(d)]
         d["root"] = here if isinstance(d["root"], list) else here[0]
         d.setdefault("split", {})["source"] = split_file.as_posix()
         if "held_out_test_cases" in d["split"]:  # the kit's copy listed none: they stayed here

@@ -1,16 +1,15 @@
 """Measure a shipped file's bf16-vs-fp32 agreement on its held-out test images and record
 it in ``weights/manifest.json`` beside the file, where ``precision="auto"`` reads it
-(:func:`LesionSegLib.inference.runtime.keep_masks`); the card is written again with it.
+(:func:`LesionSegLib.inference.runtime.keep_masks`), and in the card's bf16 row.
 
     python scripts/record_bf16_agreement.py m2snet-breast-us [--images 8 | --all] [--threads 2]
 
 For a release made where the agreement was not measured. The test cases come from the
 file's own provenance (data folders, case rule, split), as ``scripts/tune_release_outputs.py``
 finds its validation cases; the masks are the Predictor's with the file's threshold and
-output rule. The release file itself is not touched (it is committed once); in the card
-only the bf16 row is replaced. On a CPU
-without native bf16 the bf16 runs emulated (about ten times slower than fp32; the
-record says so).
+output rule. The release file itself is not touched (it is committed once), nor are the
+card's other lines. On a CPU without native bf16 the bf16 runs emulated (about ten times
+slower than fp32; the record says so).
 """
 from __future__ import annotations
 
@@ -28,7 +27,8 @@ from LesionSegLib import releases  # noqa: E402
 from LesionSegLib.checkpoint import load  # noqa: E402
 from LesionSegLib.fileio import atomic_write_text  # noqa: E402
 from LesionSegLib.inference.agreement import describe  # noqa: E402
-from LesionSegLib.training.release import bf16_agreement_record, split_pairs, write_manifest  # noqa: E402
+from LesionSegLib.training.release import (bf16_agreement_record, data_roots, split_pairs,  # noqa: E402
+                                           write_manifest)
 from release_weights import AGREEMENT_ROW, agreement_line  # noqa: E402
 
 
@@ -50,14 +50,14 @@ def main(argv=None) -> int:
         known = ", ".join(Path(f["file"]).stem for f in manifest["files"]) or "none"
         raise SystemExit(f"record_bf16_agreement: no release file {path.name} in {folder} (there: {known})")
     prov = load(path).provenance
-    roots = prov["data"]["root"] if isinstance(prov["data"]["root"], list) else [prov["data"]["root"]]
-    missing = [r for r in roots if not Path(r).is_dir()]
+    roots = data_roots(prov["data"])
+    missing = [r for r in roots if not r.is_dir()]
     if missing:
         raise SystemExit(f"record_bf16_agreement: {path.name} was trained from {', '.join(map(str, roots))}; "
                          f"not on this machine: {', '.join(map(str, missing))}")
     test, _ = split_pairs(entry["model"], entry["preset"], prov["data"], prov["recipe"], "test")
     if not test:
-        raise SystemExit(f"record_bf16_agreement: none of {path.name}'s test cases found in {', '.join(roots)}")
+        raise SystemExit(f"record_bf16_agreement: none of {path.name}'s test cases found in {', '.join(map(str, roots))}")
     record = bf16_agreement_record(str(path), test, None if args.all else args.images)
     print(f"{args.name}: bf16 ({record['bf16_compute']}, {record['cpu']}) against fp32: "
           f"{describe(record['bf16'])}", file=sys.stderr)

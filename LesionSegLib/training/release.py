@@ -47,6 +47,13 @@ def heldout_pairs(items: Sequence[ImagePair], split, part: str = "test") -> List
     return [it for it in items if it.case in cases]
 
 
+def data_roots(data: Dict[str, Any]) -> List[Path]:
+    """The data folders of a run's ``data`` record (one folder, or a list when several
+    trained as one set)."""
+    root = data["root"]
+    return [Path(r) for r in (root if isinstance(root, list) else [root])]
+
+
 def split_pairs(name: str, preset: str, data: Dict[str, Any], recipe: Dict[str, Any],
                 part: str = "test") -> Tuple[List[ImagePair], List[Path]]:
     """(pairs of the ``part`` cases, data folders) of a run's split, from its ``data`` and
@@ -55,7 +62,7 @@ def split_pairs(name: str, preset: str, data: Dict[str, Any], recipe: Dict[str, 
     from ..data.sources import target_spec
     from .data_prep import folder_items
     spec = target_spec(name, models.preset(name, preset))
-    roots = [Path(r) for r in (data["root"] if isinstance(data["root"], list) else [data["root"]])]
+    roots = data_roots(data)
     items = folder_items(roots, spec, recipe, {})
     return heldout_pairs(items, data["split"]["source"], part), roots
 
